@@ -97,12 +97,18 @@ class OFADecoder(nn.Module):
         self.image_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(num_image_buckets(config.image_bucket_size), heads)
             for _ in range(config.decoder_layers))
-        self.register_buffer("token_rp_bucket", token_relative_buckets(
-            config.token_bucket_size, config.max_positions), persistent=False)
-        self.register_buffer("image_rp_bucket", image_relative_buckets(config.image_bucket_size),
-                             persistent=False)
-        self.register_buffer("image_position_idx", code_position_ids(
-            config.code_grid_size, config.image_bucket_size), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """Index tables that follow from the config; rebuilt, never loaded from checkpoints."""
+        config = self.config
+        with torch.device("cpu"):
+            return {"token_rp_bucket": token_relative_buckets(config.token_bucket_size,
+                                                              config.max_positions),
+                    "image_rp_bucket": image_relative_buckets(config.image_bucket_size),
+                    "image_position_idx": code_position_ids(config.code_grid_size,
+                                                            config.image_bucket_size)}
 
     # --- positions ------------------------------------------------------------------------------
     def position_embeddings(self, mode: str, positions: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,15 @@ class OFAEncoder(nn.Module):
         self.image_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(num_image_buckets(config.image_bucket_size), heads)
             for _ in range(config.encoder_layers))
-        self.register_buffer("token_rp_bucket", token_relative_buckets(
-            config.token_bucket_size, config.max_positions), persistent=False)
-        self.register_buffer("image_rp_bucket", image_relative_buckets(config.image_bucket_size),
-                             persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict[str, torch.Tensor]:
+        """Index tables that follow from the config; rebuilt, never loaded from checkpoints."""
+        with torch.device("cpu"):
+            return {"token_rp_bucket": token_relative_buckets(self.config.token_bucket_size,
+                                                              self.config.max_positions),
+                    "image_rp_bucket": image_relative_buckets(self.config.image_bucket_size)}
 
     # --- embeddings ------------------------------------------------------------------------
     def embed_text(self, src_tokens: torch.Tensor) -> torch.Tensor:

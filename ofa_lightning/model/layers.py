@@ -32,7 +32,9 @@ class DropPath(nn.Module):
 
 def drop_path_rates(rate: float, num_layers: int) -> list[float]:
     """Linearly increasing rates, 0 for the first layer, as the official code schedules them."""
-    return torch.linspace(0, rate, num_layers).tolist() if num_layers > 1 else [0.0] * num_layers
+    if num_layers < 2:
+        return [0.0] * num_layers
+    return [rate * i / (num_layers - 1) for i in range(num_layers)]
 
 
 def _optional_norm(enabled: bool, dim: int, eps: float) -> nn.LayerNorm | None:

@@ -54,6 +54,15 @@ class OFAModel(nn.Module):
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
 
+    def rebuild_derived_buffers(self) -> None:
+        """Recompute the position index tables in place, e.g. after materialising a model
+        that was built on the meta device (FSDP), where buffers hold no data."""
+        for part in (self.encoder, self.decoder):
+            for name, value in part.derived_buffers().items():
+                current = getattr(part, name)
+                setattr(part, name, value.to(current.device if current.device.type != "meta"
+                                             else "cpu"))
+
     # --- the three entry points -------------------------------------------------------------
     def encode(self, src_tokens: torch.Tensor, patch_images: torch.Tensor | None = None,
                patch_masks: torch.Tensor | None = None, return_states: bool = False

@@ -1,0 +1,50 @@
+"""Shared test fixtures. The reference data lives in ../shared/fixtures (read-only, tests only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+OFA_FIXTURES = REPO.parent / "shared" / "fixtures" / "ofa_reference"
+DERIVED_SUFFIXES = (".version", "_rp_bucket", "image_position_idx")
+
+
+@pytest.fixture(scope="session")
+def ofa_fixtures() -> Path:
+    if not OFA_FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {OFA_FIXTURES}")
+    return OFA_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def reference_inputs(ofa_fixtures: Path) -> dict:
+    return torch.load(ofa_fixtures / "inputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference_outputs(ofa_fixtures: Path) -> dict:
+    return torch.load(ofa_fixtures / "outputs.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference_state_dict(ofa_fixtures: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ofa_fixtures / "ofa_tiny_random.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference_model(ofa_fixtures: Path, reference_state_dict):
+    """The fixture's shrunk ofa_tiny, built from its official args and loaded strictly."""
+    from ofa_lightning.config import OFAConfig
+    from ofa_lightning.model import OFAModel
+
+    torch.set_num_threads(2)
+    args = json.loads((ofa_fixtures / "config.json").read_text())["all_args"]
+    model = OFAModel(OFAConfig.from_official_args(argparse.Namespace(**args)))
+    weights = {k: v for k, v in reference_state_dict.items() if not k.endswith(DERIVED_SUFFIXES)}
+    model.load_state_dict(weights, strict=True)
+    return model.eval()

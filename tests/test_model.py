@@ -1,0 +1,181 @@
+"""The re-implemented network against the official OFA code's own outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ofa_lightning.config import OFAConfig
+from ofa_lightning.model import DecoderCache, OFAModel
+from ofa_lightning.model.positions import (code_position_ids, image_relative_buckets,
+                                           token_relative_buckets)
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def time_major(states: list[torch.Tensor]) -> torch.Tensor:
+    """Our batch-first per-layer states as the official (layers, T, B, C) stack."""
+    return torch.stack(states).transpose(1, 2)
+
+
+def test_derived_buffers_equal_official(reference_state_dict):
+    assert torch.equal(token_relative_buckets(256, 1024), reference_state_dict["encoder.token_rp_bucket"])
+    assert torch.equal(image_relative_buckets(42), reference_state_dict["encoder.image_rp_bucket"])
+    assert torch.equal(code_position_ids(16, 42), reference_state_dict["decoder.image_position_idx"])
+
+
+def test_resnet_trunk_matches(reference_model, reference_inputs, reference_outputs):
+    with torch.no_grad():
+        out = reference_model.encoder.embed_images(reference_inputs["patch_images"])[-1]
+    torch.testing.assert_close(out, reference_outputs["case_a"]["resnet_out"], **TOL)
+
+
+@pytest.mark.parametrize("case, mask_key", [("case_a", "patch_masks"),
+                                            ("case_b_mask_image_1", "patch_masks_case_b")])
+def test_image_text_cases_match(reference_model, reference_inputs, reference_outputs, case, mask_key):
+    inputs, expected = reference_inputs, reference_outputs[case]
+    with torch.no_grad():
+        out = reference_model(inputs["src_tokens"], inputs["patch_images"], inputs[mask_key],
+                              inputs["prev_output_tokens"], return_states=True)
+    encoder = out.encoder_out
+    assert torch.equal(encoder.padding_mask, expected["encoder_padding_mask"])
+    torch.testing.assert_close(encoder.hidden.transpose(0, 1), expected["encoder_out"], **TOL)
+    torch.testing.assert_close(encoder.position_embeddings, expected["encoder_position_embeddings"], **TOL)
+    torch.testing.assert_close(time_major(encoder.states), expected["encoder_states"], **TOL)
+    torch.testing.assert_close(time_major(out.decoder_states), expected["decoder_inner_states"], **TOL)
+    torch.testing.assert_close(out.features, expected["decoder_features"], **TOL)
+    torch.testing.assert_close(out.logits, expected["logits"], **TOL)
+
+
+def test_text_only_source_image_code_decoder_matches(reference_model, reference_inputs, reference_outputs):
+    inputs, expected = reference_inputs, reference_outputs["case_c_image_codes"]
+    with torch.no_grad():
+        out = reference_model(inputs["code_src_tokens"], prev_output_tokens=inputs["code_prev_output_tokens"],
+                              code_masks=inputs["code_masks"], return_states=True)
+    length = inputs["code_prev_output_tokens"].shape[1]
+    assert torch.equal(reference_model.decoder.image_position_idx[:length],
+                       expected["decoder_image_position_idx_used"])
+    torch.testing.assert_close(out.encoder_out.hidden.transpose(0, 1), expected["encoder_out"], **TOL)
+    torch.testing.assert_close(time_major(out.encoder_out.states), expected["encoder_states"], **TOL)
+    torch.testing.assert_close(time_major(out.decoder_states), expected["decoder_inner_states"], **TOL)
+    torch.testing.assert_close(out.logits, expected["logits"], **TOL)
+
+
+def incremental_logits(model, prev, encoder_out, code_masks=None):
+    cache = DecoderCache()
+    steps = [model.decode(prev[:, :t], encoder_out, code_masks, cache) for t in range(1, prev.shape[1] + 1)]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("code_masks", [None, torch.tensor([True, True]), torch.tensor([True, False])])
+def test_incremental_decoding_equals_full_recompute(reference_model, reference_inputs, code_masks):
+    inputs = reference_inputs
+    prev = inputs["prev_output_tokens"][:, :7]  # no padding inside
+    with torch.no_grad():
+        encoder_out = reference_model.encode(inputs["src_tokens"], inputs["patch_images"], inputs["patch_masks"])
+        full = reference_model.decode(prev, encoder_out, code_masks)
+        step_by_step = incremental_logits(reference_model, prev, encoder_out, code_masks)
+    torch.testing.assert_close(step_by_step, full, **TOL)
+
+
+def test_mixed_code_and_text_rows_equal_separate_batches(reference_model, reference_inputs):
+    inputs, code_masks = reference_inputs, torch.tensor([True, False])
+    prev = inputs["prev_output_tokens"]
+    with torch.no_grad():
+        encoder_out = reference_model.encode(inputs["src_tokens"], inputs["patch_images"], inputs["patch_masks"])
+        mixed = reference_model.decode(prev, encoder_out, code_masks)
+        rows = [reference_model.decode(prev[i:i + 1], encoder_out.index_select(torch.tensor([i])),
+                                       code_masks[i:i + 1]) for i in range(2)]
+    torch.testing.assert_close(mixed, torch.cat(rows), **TOL)
+
+
+def small_model(**overrides) -> OFAModel:
+    torch.manual_seed(0)
+    config = OFAConfig.from_name("nano", vocab_size=300, **overrides)
+    return OFAModel(config).eval()
+
+
+@pytest.mark.parametrize("side", [384, 480])
+def test_larger_image_grids_use_the_2d_position_table(side):
+    """A 480 px image at stride 16 is a 30x30 grid: ids r*42 + c + 1, as the official encoder."""
+    model = small_model(resnet_type="resnet18", trunk_stride=16)
+    images = torch.randn(1, 3, side, side)
+    tokens = torch.tensor([[0, 5, 6, 2]])
+    with torch.no_grad():
+        encoder_out = model.encode(tokens, images, torch.tensor([True]))
+    grid = side // 16
+    assert encoder_out.hidden.shape == (1, grid * grid + 4, model.config.embed_dim)
+    expected_ids = torch.tensor([r * 42 + c + 1 for r in range(grid) for c in range(grid)])
+    expected = model.encoder.image_pos_ln(model.encoder.embed_image_positions(expected_ids))
+    torch.testing.assert_close(encoder_out.position_embeddings[0, :grid * grid], expected)
+
+
+def test_long_sequences_use_logarithmic_buckets_consistently():
+    """Past 128 tokens the relative buckets turn logarithmic; decoding step by step must still
+    agree with the full pass, and padding must not change the real positions' outputs."""
+    model = small_model()
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 300, (2, 200), generator=generator)
+    src[:, 0], src[:, -1] = 0, 2
+    prev = torch.randint(4, 300, (2, 150), generator=generator)
+    prev[:, 0] = 0
+    with torch.no_grad():
+        encoder_out = model.encode(src)
+        full = model.decode(prev, encoder_out)
+        step_by_step = incremental_logits(model, prev, encoder_out)
+        padded_src = torch.cat([src, torch.ones(2, 30, dtype=torch.long)], dim=1)
+        padded = model.decode(prev, model.encode(padded_src))
+    assert token_relative_buckets(256, 1024)[199, 0] != 199 + 255  # really in the log range
+    torch.testing.assert_close(step_by_step, full, **TOL)
+    torch.testing.assert_close(padded, full, **TOL)
+
+
+def test_presets_have_official_parameter_counts():
+    expected_millions = {"tiny": 33.49, "medium": 92.89, "base": 182.24, "large": 472.98, "huge": 929.49}
+    for name, millions in expected_millions.items():
+        with torch.device("meta"):
+            model = OFAModel(OFAConfig.from_name(name))
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(count - millions) / millions < 1e-3, (name, count)
+
+
+def test_tiny_preset_has_official_key_names_and_shapes(ofa_fixtures):
+    manifest = json.loads((ofa_fixtures / "ofa_tiny_real_keys.json").read_text())
+    derived = (".version", "_rp_bucket", "image_position_idx")
+    official = {k: v["shape"] for k, v in manifest["keys"].items() if not k.endswith(derived)}
+    with torch.device("meta"):
+        model = OFAModel(OFAConfig.from_name("tiny"))
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official
+    assert sum(p.numel() for p in model.parameters()) == manifest["n_parameters_unique"]
+
+
+def test_meta_built_model_can_be_materialised():
+    with torch.device("meta"):
+        model = OFAModel(OFAConfig.from_name("nano", vocab_size=300))
+    model.to_empty(device="cpu")
+    model.rebuild_derived_buffers()
+    assert torch.equal(model.decoder.token_rp_bucket, token_relative_buckets(256, 1024))
+
+
+def test_limits_give_clear_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match="more than max_positions=1024"):
+        model.encode(torch.zeros(1, 1025, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the 42x42 position table"):
+        model.encode(torch.tensor([[0, 2]]), torch.zeros(1, 3, 8 * 43, 8 * 43))
+    encoder_out = model.encode(torch.tensor([[0, 2]]))
+    too_long = torch.zeros(1, 1 + 16 * 16 + 770, dtype=torch.long)
+    with pytest.raises(ValueError, match="more than max_positions|allows at most"):
+        model.decode(too_long, encoder_out, torch.tensor([True]))
+
+
+def test_config_rejects_bad_values_by_name():
+    with pytest.raises(ValueError, match="embed_dim=100 is not divisible by attention_heads=3"):
+        OFAConfig(embed_dim=100, attention_heads=3)
+    with pytest.raises(ValueError, match="unknown OFA preset 'giant'; known presets: tiny"):
+        OFAConfig.from_name("giant")
+    with pytest.raises(ValueError, match="dropout must lie in"):
+        OFAConfig(dropout=1.5)
