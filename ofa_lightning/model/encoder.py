@@ -130,7 +130,7 @@ class OFAEncoder(nn.Module):
                              f"{self.config.max_positions}; truncate the input or raise the limit")
         x = self.embed_text(src_tokens)
         padding_mask = src_tokens.eq(self.config.pad_id)
-        text_positions = self.embed_positions.weight[:num_text]
+        text_positions = self.embed_positions(torch.arange(num_text, device=src_tokens.device))
         positions = self.pos_ln(text_positions).expand(batch, -1, -1)
         image_ids = None
         if patch_images is not None:
