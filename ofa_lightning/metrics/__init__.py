@@ -1,0 +1,32 @@
+"""torchmetrics Metrics for OFA's tasks, scored the way the official evaluation scores them.
+
+Every metric here is DDP-safe: numeric states are summed across processes, and caption
+strings travel as UTF-8 byte tensors so corpus-level scores (CIDEr-D, BLEU, METEOR) are
+computed once over the whole evaluated set.
+"""
+
+from ofa_lightning.metrics.captioning import (
+    CAPTION_METRICS,
+    DEFAULT_CAPTION_METRICS,
+    CaptionMetrics,
+    cider_d,
+    java_available,
+    score_captions,
+    strip_punctuation,
+)
+from ofa_lightning.metrics.grounding import GroundingAccuracy, grounding_iou
+from ofa_lightning.metrics.vqa import VQAAccuracy, vqa_soft_scores
+
+__all__ = [
+    "CAPTION_METRICS",
+    "DEFAULT_CAPTION_METRICS",
+    "CaptionMetrics",
+    "GroundingAccuracy",
+    "VQAAccuracy",
+    "cider_d",
+    "grounding_iou",
+    "java_available",
+    "score_captions",
+    "strip_punctuation",
+    "vqa_soft_scores",
+]
