@@ -39,12 +39,19 @@ class DecoderCache:
     encoder_padding: torch.Tensor | None = None  # (B, S) bool
     self_pos_k: dict[str, torch.Tensor] = field(default_factory=dict)  # mode -> (H, t, dh)
 
-    def reorder(self, order: torch.Tensor) -> None:
-        """Keep rows ``order`` of every batched tensor, in that order."""
+    def reorder(self, order: torch.Tensor, same_sources: bool = False) -> None:
+        """Keep rows ``order`` of every batched tensor, in that order.
+
+        ``same_sources``: each new row reads the same source as the old row it replaces
+        (beams of one sentence swapping places), so the encoder-side state is already right
+        and is not copied, which is most of the cache for long sources.
+        """
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t.index_select(0, order)
 
         self.self_kv = [(pick(k), pick(v)) for k, v in self.self_kv]
+        if same_sources:
+            return
         self.cross_kv = [(pick(k), pick(v)) for k, v in self.cross_kv]
         if self.cross_pos_k is not None:
             self.cross_pos_k = pick(self.cross_pos_k)
@@ -132,7 +139,9 @@ class OFADecoder(nn.Module):
         return x.unflatten(-1, (self.config.attention_heads, -1)).transpose(-3, -2)  # (.., H, T, dh)
 
     def _check_length(self, length: int, modes: list[str]) -> None:
-        if length > self.config.max_positions:
+        # Image-code rows take their positions from the code grid, not the text table, so
+        # text-to-image at code_image_size=256 (1 + 1024 steps) is within limits.
+        if TEXT in modes and length > self.config.max_positions:
             raise ValueError(f"target has {length} tokens, more than max_positions="
                              f"{self.config.max_positions}")
         if CODE in modes and length > self.image_position_idx.numel():
