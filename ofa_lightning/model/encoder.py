@@ -92,6 +92,7 @@ class OFAEncoder(nn.Module):
 
     def embed_image(self, patch_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings (B, N, D) and the grid position ids (N,) of the patches."""
+        patch_images = patch_images.contiguous(memory_format=torch.channels_last)
         features = self.embed_images(patch_images)[-1]  # (B, C, h, w)
         height, width = features.shape[-2:]
         position_ids = image_grid_position_ids(height, width, self.config.image_bucket_size)

@@ -53,4 +53,5 @@ def build_image_trunk(name: str, stride: int, drop_path_rate: float = 0.0,
         _schedule_drop_path(trunk, drop_path_rate)
     if freeze_bn:
         trunk = freeze_batch_norm_2d(trunk)
-    return trunk, channels
+    # NHWC convolutions are ~15-25% faster on CPU (oneDNN) and use tensor cores on GPU.
+    return trunk.to(memory_format=torch.channels_last), channels
