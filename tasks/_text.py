@@ -1,0 +1,108 @@
+"""Helpers shared by the task plugins: OFA's text normalisers and record checks.
+
+Plugins share code through these functions, not through a chain of base classes. The two
+normalisers are the official ``pre_caption`` / ``pre_question`` (``data/ofa_dataset.py``),
+word for word: ``reference/ofa_spec.md`` §4.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ofa_lightning.task import (RecordError, SampleContext, Task, image_to_tensor, open_image,
+                                record_id)
+
+__all__ = ["pre_caption", "pre_question", "truncate_words", "where", "load_image", "field_error",
+           "text_field", "check_max_words", "finite_numbers"]
+
+_LEADING_PUNCTUATION = ",.!?*#:;~"
+_RUNS_OF_WHITESPACE = re.compile(r"\s{2,}")
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    """The first ``max_words`` space-separated words of ``text``."""
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def _normalise(text: str, max_words: int, person: bool) -> str:
+    text = text.lower().lstrip(_LEADING_PUNCTUATION).replace("-", " ").replace("/", " ")
+    if person:
+        text = text.replace("<person>", "person")
+    text = _RUNS_OF_WHITESPACE.sub(" ", text).rstrip("\n").strip(" ")
+    return truncate_words(text, max_words)
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """OFA's caption normaliser: lowercase; strip leading ``,.!?*#:;~``; ``-`` and ``/``
+    become spaces; ``<person>`` becomes ``person``; runs of whitespace collapse to one space;
+    at most ``max_words`` words. Punctuation inside the text stays."""
+    return _normalise(caption, max_words, person=True)
+
+
+def pre_question(question: str, max_words: int) -> str:
+    """OFA's question normaliser: :func:`pre_caption` without the ``<person>`` rule."""
+    return _normalise(question, max_words, person=False)
+
+
+def check_max_words(owner: str, name: str, value: int) -> int:
+    """Init-arg check for a word budget (``max_source_length`` / ``max_target_length``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer (a number of words), "
+                         f"got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- record checks
+def where(task: Task) -> str:
+    """Where a task's records come from, for error messages: the source's own description,
+    else the task's name."""
+    describe = getattr(task.source, "describe", None)
+    return describe() if callable(describe) else f"task {task.name!r}"
+
+
+def field_error(task: Task, record: Mapping[str, Any], field: str, problem: str) -> RecordError:
+    """A RecordError naming the source, the record id and the field."""
+    return RecordError(f"{where(task)}: record {record_id(record)!r} field {field!r} {problem}")
+
+
+def text_field(task: Task, record: Mapping[str, Any], field: str) -> str:
+    """A record's text field, checked to be a non-blank string."""
+    value = record[field]
+    if not isinstance(value, str):
+        raise field_error(task, record, field, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise field_error(task, record, field, "is empty")
+    return value
+
+
+def load_image(task: Task, record: Mapping[str, Any], context: SampleContext
+               ) -> tuple[torch.Tensor, tuple[float, float], tuple[int, int]]:
+    """The record's image as the model sees it (``context.image_size`` square), the (w, h)
+    resize ratios and the original (width, height)."""
+    image = open_image(record["image"], where(task), record_id(record))
+    tensor, ratios = image_to_tensor(image, context.image_size)
+    return tensor, ratios, image.size
+
+
+def finite_numbers(task: Task, record: Mapping[str, Any], field: str, values: Any,
+                   count: int | None = None) -> list[float]:
+    """``values`` as a list of finite floats (``count`` of them when given)."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise field_error(task, record, field, f"must be a sequence of numbers, got {values!r}")
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise field_error(task, record, field, f"must hold numbers, got {list(values)!r}") from None
+    if count is not None and len(numbers) != count:
+        raise field_error(task, record, field, f"must hold {count} numbers, got {len(numbers)}: "
+                          f"{numbers}")
+    if not all(math.isfinite(v) for v in numbers):
+        raise field_error(task, record, field, f"holds a non-finite number: {numbers}")
+    return numbers
