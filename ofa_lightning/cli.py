@@ -1,7 +1,8 @@
-"""The ``ofa-lightning`` command.
+"""The ``ofa-lightning`` command: the composition root.
 
-Subcommands that are not training runs live here beside the (coming) LightningCLI ones:
-``convert`` turns an official OFA checkpoint into this project's format.
+``fit``/``validate``/``test``/``predict --config`` are LightningCLI subcommands over
+OFAModule and a datamodule; ``tasks``, ``convert`` and the checkpoint-only ``predict`` (an
+image and an instruction, nothing else) are small commands of their own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,45 @@ import ast
 import sys
 from typing import Any, Sequence
 
+EXTRA_COMMANDS = {
+    "tasks": "list the task plugins, their instructions and metrics",
+    "convert": "official OFA checkpoint (fairseq .pt, bare or HF state dict) -> ofa-lightning",
+    "predict": "with --ckpt_path and --image (no --config): answer an instruction about an image",
+}
 
+
+# --- LightningCLI ------------------------------------------------------------------------------
+def _lightning_cli(argv: Sequence[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from datamodules.multitask import MultiTaskDataModule
+    from ofa_lightning.module import OFAModule
+
+    class OFALightningCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            # one vocabulary and one task list, built by the datamodule, shared by the model
+            parser.link_arguments("data", "model.vocab", compute_fn=lambda dm: dm.vocab,
+                                  apply_on="instantiate")
+            parser.link_arguments("data", "model.tasks", compute_fn=lambda dm: dm.tasks,
+                                  apply_on="instantiate")
+
+        def before_instantiate_classes(self) -> None:
+            self._run_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand],
+                                                                 skip_none=False)
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            self.model.run_config = self._run_yaml
+
+    description = "OFA as a Lightning research template. Also: " + "; ".join(
+        f"ofa-lightning {name}: {text}" for name, text in EXTRA_COMMANDS.items())
+    OFALightningCLI(OFAModule, MultiTaskDataModule, subclass_mode_data=True,
+                    auto_configure_optimizers=False, args=list(argv),
+                    parser_kwargs={"description": description},
+                    save_config_kwargs={"overwrite": True})
+
+
+# --- extra commands ----------------------------------------------------------------------------
 def _parse_override(text: str) -> tuple[str, Any]:
     """``field=value`` with value read as a Python literal when it is one (256, 0.1, True)."""
     if "=" not in text:
@@ -24,13 +63,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return name.strip(), value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ofa-lightning",
-        description="OFA, the unified multimodal seq2seq model, as a Lightning research template.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _convert_parser(commands: Any) -> None:
     convert = commands.add_parser(
-        "convert", help="official OFA checkpoint (fairseq .pt, bare or HF state dict) -> ofa-lightning",
+        "convert", help=EXTRA_COMMANDS["convert"],
         description="Read an official checkpoint without arbitrary unpickling, check it loads "
                     "strictly into the matching architecture, and write this project's format.")
     convert.add_argument("source", help="official checkpoint file")
@@ -40,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--set", dest="overrides", action="append", type=_parse_override,
                          default=[], metavar="FIELD=VALUE",
                          help="replace a config field, e.g. --set code_image_size=256")
-    return parser
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -50,13 +84,75 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.destination} (from a {loaded.source_format} checkpoint): {loaded.config}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    from ofa_lightning.checkpoint import CheckpointError
+def _tasks(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
+    from ofa_lightning.plugins import installed_tasks, resolve_task_class
+
+    table = Table(title="ofa-lightning task plugins (entry-point group ofa_lightning.tasks)")
+    for column in ("name", "class path", "instruction", "metrics", "record fields"):
+        table.add_column(column)
+    for name, path in sorted(installed_tasks().items()):
+        description = resolve_task_class(path)().describe()
+        table.add_row(name, path, repr(description["instruction"]), ", ".join(description["metrics"]),
+                      ", ".join(description["fields"]))
+    Console(width=200).print(table)
+
+
+def _predict_parser(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict", help=EXTRA_COMMANDS["predict"],
+        description="Answer an instruction about an image (or every image of a folder) with a "
+                    "checkpoint written by `ofa-lightning fit`; nothing else is needed. For "
+                    "visual grounding a PNG with the box drawn is written.")
+    predict.add_argument("--ckpt_path", required=True)
+    predict.add_argument("--image", required=True, help="an image file or a folder of images")
+    what = predict.add_mutually_exclusive_group(required=True)
+    what.add_argument("--instruction", help="free text, e.g. ' what colour is the circle?'")
+    what.add_argument("--task", help="a task of the checkpoint's run: caption, vqa, visual_grounding, ...")
+    predict.add_argument("--text", help="the task's text field: the question (vqa) or the "
+                                        "referring expression (visual_grounding)")
+    predict.add_argument("--output_dir", default=".", help="where grounding PNGs go")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from ofa_lightning.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(args.ckpt_path)
+    for result in predictor.run(args.image, instruction=args.instruction, task=args.task,
+                                text=args.text, output_dir=args.output_dir):
+        print(result)
+
+
+def _extra_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ofa-lightning")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("tasks", help=EXTRA_COMMANDS["tasks"])
+    _convert_parser(commands)
+    _predict_parser(commands)
+    return parser
+
+
+def _is_extra_command(argv: Sequence[str]) -> bool:
+    if not argv or argv[0] not in EXTRA_COMMANDS:
+        return False
+    # `predict --config ...` is LightningCLI's predict; `predict --ckpt_path --image` is ours
+    return argv[0] != "predict" or not any(a.startswith(("--config", "-c")) for a in argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _is_extra_command(argv):
+        _lightning_cli(argv)
+        return
+    from ofa_lightning.checkpoint import CheckpointError
+    from ofa_lightning.task import RecordError
+
+    args = _extra_parser().parse_args(argv)
     try:
-        {"convert": _convert}[args.command](args)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        {"convert": _convert, "tasks": _tasks, "predict": _predict}[args.command](args)
+    except (CheckpointError, RecordError, FileNotFoundError, ValueError) as error:
         sys.exit(f"ofa-lightning {args.command}: error: {error}")
 
 

@@ -32,9 +32,26 @@ class RecordError(ValueError):
 class RecordSource(Protocol):
     """Where a task's records come from (a dataset file, ShapesWorld, ...).
 
-    ``records("train")`` may be endless; evaluation splits are finite. Each record is a
-    mapping with the fields the task's ``required_fields`` lists, plus an ``id``.
+    Sources are indexed, so training is deterministic, shardable and resumable: the
+    datamodule asks for record ``index`` of a split and never relies on iteration order.
+    ``size("train")`` may be None (endless, e.g. ShapesWorld); evaluation splits are finite.
+    Each record is a mapping with the fields the task's ``required_fields`` lists, plus an
+    ``id``. ``texts(limit)`` gives every string of the first ``limit`` training records (a
+    tokenizer is trained on them). ``records(split)`` iterates ``record(split, 0), ...``.
+
+    Optional: ``locate(split, index) -> str`` says where a record lives
+    (``"data/val.jsonl:17"``); the datamodule prefixes a record's errors with it.
+
+    The CLI (jsonargparse) checks a source given by class path against these signatures
+    exactly, annotations included: a plugin source copies them as they are written here.
+    Implementations: ``datamodules.sources``.
     """
+
+    def record(self, split: str, index: int) -> Mapping[str, Any]: ...
+
+    def size(self, split: str) -> int | None: ...
+
+    def texts(self, limit: int) -> Iterable[str]: ...
 
     def records(self, split: str) -> Iterable[Mapping[str, Any]]: ...
 

@@ -1,0 +1,176 @@
+"""OFAModule: the LightningModule around OFAModel, for any mix of task plugins.
+
+The network is built in ``configure_model`` (so FSDP can shard it as it is created); the
+optimiser and schedule are injected; validation generates with each task's own settings and
+feeds that task's metrics, logged as ``val/<task>/<metric>``. Every checkpoint carries the
+resolved model config, the vocabulary and the run's config, so ``predict`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from ofa_lightning.config import OFAConfig
+from ofa_lightning.data import Batch
+from ofa_lightning.losses import label_smoothed_cross_entropy
+from ofa_lightning.model import OFAModel
+from ofa_lightning.schedules import warmup_polynomial_decay
+from ofa_lightning.task import Task
+from ofa_lightning.vocab import UnifiedVocab
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+CHECKPOINT_KEY = "ofa_lightning"
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW as the official recipes (betas 0.9/0.999, eps 1e-8, weight decay 0.01)."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def _metric_values(name: str, value: Any) -> dict[str, torch.Tensor]:
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    return {name: value}
+
+
+class OFAModule(LightningModule):
+    def __init__(
+        self,
+        model: str = "nano",
+        model_overrides: dict[str, Any] | None = None,
+        vocab: UnifiedVocab | None = None,
+        tasks: list[Task] | None = None,
+        init_from: str | None = None,
+        label_smoothing: float = 0.1,
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory | None = None,
+        warmup_ratio: float = 0.06,
+        end_lr_factor: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            model: a preset name (``OFAConfig.from_name``), refined by ``model_overrides``.
+            vocab: the vocabulary; with the CLI it is linked from the datamodule.
+            tasks: the task plugins; with the CLI they are linked from the datamodule.
+            init_from: weights to start from: an official OFA checkpoint (fairseq ``.pt``,
+                bare or HF state dict) or this project's own file or ``.ckpt``.
+            lr_scheduler: replaces the default warm-up + linear decay over the run.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["vocab", "tasks", "optimizer", "lr_scheduler"])
+        if vocab is None:
+            raise ValueError("OFAModule needs a vocabulary (with the CLI, the datamodule's is "
+                             "linked in automatically)")
+        self.vocab = vocab
+        self.tasks = list(tasks or [])
+        self.config = OFAConfig.from_name(model, **{"vocab_size": len(vocab),
+                                                    **(model_overrides or {})})
+        if self.config.vocab_size != len(vocab):
+            raise ValueError(f"model vocab_size={self.config.vocab_size} but the vocabulary has "
+                             f"{len(vocab)} entries")
+        self.init_from = init_from
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.warmup_ratio = warmup_ratio
+        self.end_lr_factor = end_lr_factor
+        self.model: OFAModel | None = None
+        self.run_config: str | None = None  # the CLI's resolved YAML, saved in checkpoints
+        self.val_metrics = nn.ModuleList(nn.ModuleDict(t.metrics()) for t in self.tasks)
+        self.test_metrics = nn.ModuleList(nn.ModuleDict(t.metrics()) for t in self.tasks)
+
+    # --- building ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = OFAModel(self.config)
+        if self.init_from:
+            self._load_initial_weights(self.init_from)
+
+    def _load_initial_weights(self, path: str) -> None:
+        from ofa_lightning.checkpoint import load_checkpoint, load_state_dict_strict
+
+        loaded = load_checkpoint(path)
+        if loaded.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"init_from={path} has a {loaded.config.vocab_size}-entry vocabulary, this run's "
+                f"has {self.config.vocab_size}; use the vocabulary the checkpoint was trained with")
+        load_state_dict_strict(self.model, loaded.state_dict, source=path)
+        log.info("initialised weights from %s (%s)", path, loaded.source_format)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainer.model.parameters())
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            scheduler = warmup_polynomial_decay(optimizer, int(self.trainer.estimated_stepping_batches),
+                                                self.warmup_ratio, self.end_lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- training ---------------------------------------------------------------------------
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        out = self.model(**batch.model_inputs())
+        loss = label_smoothed_cross_entropy(out.logits, batch.target, self.label_smoothing,
+                                            self.vocab.pad, weights=batch.weights)
+        return loss.loss, loss.nll_loss, loss.num_tokens
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss_sum, nll_sum, tokens = self._loss(batch)
+        # Normalise by the tokens of the whole global batch, as fairseq does: DDP averages
+        # gradients over ranks, so scaling by world_size / global tokens makes the result
+        # equal to one process seeing the whole batch.
+        world = self.trainer.world_size
+        global_tokens = self.all_gather(torch.tensor(float(tokens), device=self.device)).sum() \
+            if world > 1 else torch.tensor(float(tokens), device=self.device)
+        loss = loss_sum * world / global_tokens
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=world > 1,
+                 batch_size=len(batch))
+        self.log("train/nll_loss", nll_sum.detach() * world / global_tokens, sync_dist=world > 1,
+                 batch_size=len(batch))
+        return loss
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self, batch: Batch, dataloader_idx: int, stage: str,
+                  metrics: nn.ModuleList) -> None:
+        task = self.tasks[dataloader_idx]
+        loss_sum, _, tokens = self._loss(batch)
+        self.log(f"{stage}/{task.name}/loss", loss_sum / max(tokens, 1), batch_size=len(batch),
+                 add_dataloader_idx=False, sync_dist=True)
+        predictions = task.predict(self.model, batch, self.vocab)
+        task.update_metrics(metrics[dataloader_idx], predictions, batch.meta)
+
+    def _log_metrics(self, stage: str, metrics: nn.ModuleList) -> None:
+        for task, task_metrics in zip(self.tasks, metrics):
+            for name, metric in task_metrics.items():
+                if not metric.update_called:
+                    continue
+                for key, value in _metric_values(name, metric.compute()).items():
+                    self.log(f"{stage}/{task.name}/{key}", torch.as_tensor(value, dtype=torch.float32),
+                             add_dataloader_idx=False, prog_bar=stage == "val")
+                metric.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"model_config": self.config.to_dict(),
+                                      "vocab": self.vocab.to_state(),
+                                      "run_config": self.run_config}

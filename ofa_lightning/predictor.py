@@ -1,0 +1,120 @@
+"""Inference from a checkpoint alone: image(s) + an instruction or a task -> decoded output.
+
+Everything needed travels inside checkpoints written by ``fit``: the model config, the
+vocabulary and the run's resolved YAML (which names the task plugins and image size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from ofa_lightning.checkpoint import CheckpointError, load_state_dict_strict
+from ofa_lightning.config import OFAConfig
+from ofa_lightning.data import Sample, collate
+from ofa_lightning.generation import GenerationConfig, generate
+from ofa_lightning.model import OFAModel
+from ofa_lightning.task import SampleContext, Task, image_to_tensor, open_image
+from ofa_lightning.vocab import UnifiedVocab
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+MODULE_KEY = "ofa_lightning"
+# free-form instructions decode like captions (the official caption evaluation settings)
+FREE_FORM_GENERATION = GenerationConfig(beam=5, max_len_b=16, min_len=1, no_repeat_ngram_size=3)
+
+
+def _instantiate_tasks(specs: list[Any]) -> list[Task]:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--tasks", type=list[Task])
+    return parser.instantiate_classes(parser.parse_object({"tasks": specs})).tasks
+
+
+def image_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    return [path]
+
+
+@dataclass
+class Predictor:
+    model: OFAModel
+    vocab: UnifiedVocab
+    tasks: dict[str, Task]
+    image_size: int
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Predictor":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such checkpoint")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        info = checkpoint.get(MODULE_KEY)
+        if info is None:
+            raise CheckpointError(f"{path} was not written by `ofa-lightning fit` (no "
+                                  f"{MODULE_KEY!r} entry); convert official weights with "
+                                  f"`ofa-lightning convert` and fine-tune them first")
+        model = OFAModel(OFAConfig.from_dict(info["model_config"])).eval()
+        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+                   if k.startswith("model.")}
+        load_state_dict_strict(model, weights, source=path)
+        run = yaml.safe_load(info["run_config"]) if info.get("run_config") else {}
+        data = (run.get("data") or {}).get("init_args", {})
+        tasks = _instantiate_tasks(data.get("tasks", []))
+        return cls(model, UnifiedVocab.from_state(info["vocab"]), {t.name: t for t in tasks},
+                   int(data.get("image_size", model.config.patch_image_size)))
+
+    def _task(self, name: str) -> Task:
+        if name not in self.tasks:
+            raise ValueError(f"this checkpoint's run has no task {name!r}; it has "
+                             f"{sorted(self.tasks)}")
+        return self.tasks[name]
+
+    def run(self, image: str | Path, instruction: str | None = None, task: str | None = None,
+            text: str | None = None, output_dir: str | Path = ".") -> Iterator[str]:
+        """One line of output per image; grounding also writes ``<image>_box.png``."""
+        context = SampleContext(self.vocab, self.image_size)
+        for file in image_files(image):
+            if task is None:
+                yield f"{file}: {self._free_form(file, instruction or '', context)}"
+                continue
+            plugin = self._task(task)
+            fields: Mapping[str, Any] = {"id": file.name, "image": str(file), **plugin.query_fields(text)}
+            sample = plugin.build_query(fields, context)
+            prediction = plugin.predict(self.model, collate([sample], self.vocab.pad), self.vocab)[0]
+            if isinstance(prediction, torch.Tensor) and prediction.numel() == 4:
+                drawn = self._draw_box(file, prediction, Path(output_dir))
+                yield f"{file}: box {[round(v, 1) for v in prediction.tolist()]} -> {drawn}"
+            else:
+                yield f"{file}: {prediction}"
+
+    @torch.no_grad()
+    def _free_form(self, file: Path, instruction: str, context: SampleContext) -> str:
+        pixels, _ = image_to_tensor(open_image(str(file), str(file), file.name), context.image_size)
+        sample = Sample.seq2seq("free_form", self.vocab, self.vocab.encode(instruction), [],
+                                image=pixels)
+        batch = collate([sample], self.vocab.pad)
+        hypotheses = generate(self.model, batch.src_tokens, batch.patch_images, batch.patch_masks,
+                              config=FREE_FORM_GENERATION)
+        return self.vocab.decode(hypotheses[0][0].tokens).strip()
+
+    @staticmethod
+    def _draw_box(file: Path, box: torch.Tensor, output_dir: Path) -> Path:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        image = Image.open(file).convert("RGB")
+        ImageDraw.Draw(image).rectangle([float(v) for v in box], outline=(255, 0, 0), width=2)
+        out = output_dir / f"{file.stem}_box.png"
+        image.save(out)
+        return out
