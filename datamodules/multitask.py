@@ -278,7 +278,8 @@ def collate_present(samples: Sequence[Sample | None], pad_id: int) -> Batch:
 
 # ---------------------------------------------------------------------------- vocabulary
 def build_vocab(tasks: Sequence[Task], vocab: str | None = None, vocab_size: int = 1000,
-                tokenizer_texts: int = 2000) -> UnifiedVocab:
+                tokenizer_texts: int = 2000, num_codes: int = 8192,
+                num_bins: int = 1000) -> UnifiedVocab:
     """The vocabulary of a datamodule.
 
     ``vocab`` is a directory with OFA's BPE files (``encoder.json``, ``vocab.bpe``,
@@ -313,7 +314,8 @@ def build_vocab(tasks: Sequence[Task], vocab: str | None = None, vocab_size: int
             yield from (text if text.startswith(" ") else " " + text
                         for text in task.source.texts(tokenizer_texts))
 
-    return UnifiedVocab.train(texts(), vocab_size=vocab_size)
+    return UnifiedVocab.train(texts(), vocab_size=vocab_size, num_codes=num_codes,
+                              num_bins=num_bins)
 
 
 # ---------------------------------------------------------------------------- datamodules
@@ -332,6 +334,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         image_size: side images are resized to.
         vocab: a directory with OFA BPE files or a saved vocabulary; None trains one.
         vocab_size: text entries of a trained vocabulary.
+        num_codes, num_bins: image-code and location tokens of a trained vocabulary
+            (OFA: 8192 and 1000; a run without image generation can drop the codes, and
+            small images need fewer bins, which makes the softmax smaller).
         tokenizer_texts: training records per task read to train the vocabulary.
         num_workers, pin_memory: DataLoader settings (the stream is the same for any
             num_workers).
@@ -343,7 +348,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def __init__(self, tasks: list[Task], batch_size: int = 32, eval_batch_size: int | None = None,
                  image_size: int = 256, vocab: str | None = None, vocab_size: int = 1000,
-                 tokenizer_texts: int = 2000, num_workers: int = 0, pin_memory: bool = False,
+                 tokenizer_texts: int = 2000, num_codes: int = 8192, num_bins: int = 1000,
+                 num_workers: int = 0, pin_memory: bool = False,
                  seed: int = 0, skip_bad_records: bool = False,
                  max_eval_samples: int | None = None) -> None:
         super().__init__()
@@ -362,7 +368,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.seed = seed
         self.skip_bad_records = skip_bad_records
         self.max_eval_samples = max_eval_samples
-        self.vocab = build_vocab(self.tasks, vocab, vocab_size, tokenizer_texts)
+        self.vocab = build_vocab(self.tasks, vocab, vocab_size, tokenizer_texts, num_codes,
+                                 num_bins)
         self.context = SampleContext(self.vocab, image_size)
         # the stream position: (global sample index, global_step) where the current
         # iteration started, or the pair loaded from a checkpoint

@@ -30,7 +30,7 @@ def label_smoothed_cross_entropy(
     """Summed label-smoothed loss over non-pad targets.
 
     logits (B, T, V); target (B, T); weights (B,) per-sample confidence (VQA answer scores,
-    the 2.0 of pretraining's unimodal samples); constraint_masks (B, T, V) bool, True =
+    the 2.0 of pretraining's unimodal samples), or (B, T) per token; constraint_masks (B, T, V) bool, True =
     allowed, which also removes disallowed tokens from the softmax. ``drop_worst_ratio``
     keeps only the lowest-loss (1 - ratio) tokens, as the official caption recipe does late
     in training.
@@ -43,7 +43,8 @@ def label_smoothed_cross_entropy(
         logits = logits.masked_fill(~constraint_masks, float("-inf"))
     lprobs = torch.log_softmax(logits, dim=-1)  # (B, T, V)
     if weights is not None:
-        lprobs = lprobs * weights.to(lprobs.dtype)[:, None, None]
+        per_token = weights if weights.dim() == 2 else weights[:, None]
+        lprobs = lprobs * per_token.to(lprobs.dtype)[..., None]
     keep = target.ne(pad_id)  # (B, T)
     lprobs, target = lprobs[keep], target[keep]  # (N, V), (N,)
     nll = -lprobs.gather(-1, target[:, None]).squeeze(-1)  # (N,)

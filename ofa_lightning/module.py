@@ -117,9 +117,12 @@ class OFAModule(LightningModule):
 
     # --- training ---------------------------------------------------------------------------
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out = self.model(**batch.model_inputs())
-        loss = label_smoothed_cross_entropy(out.logits, batch.target, self.label_smoothing,
-                                            self.vocab.pad, weights=batch.weights)
+        scored = batch.target.ne(self.vocab.pad)  # (B, T); logits only where a token is scored
+        out = self.model(**batch.model_inputs(), logits_mask=scored)
+        token_weights = batch.weights[:, None].expand_as(batch.target)[scored]
+        loss = label_smoothed_cross_entropy(out.logits[None], batch.target[scored][None],
+                                            self.label_smoothing, self.vocab.pad,
+                                            weights=token_weights[None])
         return loss.loss, loss.nll_loss, loss.num_tokens
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ class DecoderCache:
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # (B, Tn, V)
+    logits: torch.Tensor  # (B, Tn, V), or (N, V) for the positions of a logits_mask
     features: torch.Tensor  # (B, Tn, D) after the final LayerNorm
     states: list[torch.Tensor] = field(default_factory=list)  # embeddings + each layer, if asked
 
@@ -152,8 +152,14 @@ class OFADecoder(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, prev_output_tokens: torch.Tensor, encoder_out: EncoderOutput,
                 code_masks: torch.Tensor | None = None, cache: DecoderCache | None = None,
-                return_states: bool = False) -> DecoderOutput:
-        """Decode the positions of ``prev_output_tokens`` (B, T) not yet in ``cache``."""
+                return_states: bool = False, logits_mask: torch.Tensor | None = None
+                ) -> DecoderOutput:
+        """Decode the positions of ``prev_output_tokens`` (B, T) not yet in ``cache``.
+
+        ``logits_mask`` (B, T) bool: project only these positions to the vocabulary (the
+        logits come back flattened, (N, V)); training uses it to skip padded targets, which
+        saves most of the output projection and softmax when lengths differ across tasks.
+        """
         batch, length = prev_output_tokens.shape
         start = cache.length if cache is not None else 0
         code_rows = code_masks.bool() if code_masks is not None else None
@@ -220,4 +226,5 @@ class OFADecoder(nn.Module):
             cache.encoder_padding = encoder_padding
             cache.self_pos_k.update(self_pos_k)
         features = self.layer_norm(x)
-        return DecoderOutput(self.output_projection(features), features, states)
+        projected = features if logits_mask is None else features[logits_mask]
+        return DecoderOutput(self.output_projection(projected), features, states)

@@ -16,7 +16,7 @@ from ofa_lightning.model.encoder import EncoderOutput, OFAEncoder
 
 @dataclass
 class OFAOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V), or (N, V) when a logits_mask was given
     features: torch.Tensor  # (B, T, D) decoder output after its final LayerNorm
     encoder_out: EncoderOutput
     decoder_states: list[torch.Tensor]  # embeddings + each decoder layer, when asked for
@@ -79,12 +79,14 @@ class OFAModel(nn.Module):
     def forward(self, src_tokens: torch.Tensor, patch_images: torch.Tensor | None = None,
                 patch_masks: torch.Tensor | None = None,
                 prev_output_tokens: torch.Tensor | None = None,
-                code_masks: torch.Tensor | None = None, return_states: bool = False) -> OFAOutput:
+                code_masks: torch.Tensor | None = None, return_states: bool = False,
+                logits_mask: torch.Tensor | None = None) -> OFAOutput:
+        """``logits_mask`` (B, T) bool: logits only for these positions, flattened (N, V)."""
         if prev_output_tokens is None:
             raise ValueError("OFAModel.forward needs prev_output_tokens (bos + target tokens)")
         encoder_out = self.encode(src_tokens, patch_images, patch_masks, return_states)
         decoded = self.decoder(prev_output_tokens, encoder_out, code_masks,
-                               return_states=return_states)
+                               return_states=return_states, logits_mask=logits_mask)
         return OFAOutput(decoded.logits, decoded.features, encoder_out, decoded.states)
 
     @torch.no_grad()
