@@ -21,13 +21,18 @@ EXTRA_COMMANDS = {
 
 # --- LightningCLI ------------------------------------------------------------------------------
 def _lightning_cli(argv: Sequence[str]) -> None:
+    from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
 
     from datamodules.multitask import MultiTaskDataModule
     from ofa_lightning.module import OFAModule
 
     class OFALightningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
+            # always on, configurable as --progress_bar.* / --model_summary.*
+            parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+            parser.add_lightning_class_args(RichModelSummary, "model_summary")
             # one vocabulary and one task list, built by the datamodule, shared by the model
             parser.link_arguments("data", "model.vocab", compute_fn=lambda dm: dm.vocab,
                                   apply_on="instantiate")
@@ -47,7 +52,32 @@ def _lightning_cli(argv: Sequence[str]) -> None:
     OFALightningCLI(OFAModule, MultiTaskDataModule, subclass_mode_data=True,
                     auto_configure_optimizers=False, args=list(argv),
                     parser_kwargs={"description": description},
+                    trainer_defaults={"logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger"}},
                     save_config_kwargs={"overwrite": True})
+
+
+def check_task_class_paths(argv: Sequence[str]) -> None:
+    """Resolve every task class path of the ``--config`` files before LightningCLI does, so
+    a typo is reported with the module it names and the tasks that do exist."""
+    import yaml
+
+    from ofa_lightning.plugins import resolve_task_class
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for file in files:
+        try:
+            data = (yaml.safe_load(open(file)) or {}).get("data") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue  # LightningCLI reports unreadable configs itself
+        init = data.get("init_args") or {}
+        specs = list(init.get("tasks") or []) + ([init["task"]] if init.get("task") else [])
+        for spec in specs:
+            if isinstance(spec, dict) and "class_path" in spec:
+                try:
+                    resolve_task_class(spec["class_path"])
+                except ValueError as error:
+                    raise ValueError(f"{file}: {error}") from error
 
 
 # --- extra commands ----------------------------------------------------------------------------
@@ -144,6 +174,10 @@ def _is_extra_command(argv: Sequence[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not _is_extra_command(argv):
+        try:
+            check_task_class_paths(argv)
+        except ValueError as error:
+            sys.exit(f"ofa-lightning: error: {error}")
         _lightning_cli(argv)
         return
     from ofa_lightning.checkpoint import CheckpointError

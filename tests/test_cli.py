@@ -1,0 +1,177 @@
+"""The `ofa-lightning` command end to end: real LightningCLI runs in subprocesses, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# shrink any preset to a few thousand parameters so every config runs in seconds
+TINY_MODEL = ("{encoder_layers: 1, decoder_layers: 1, embed_dim: 32, ffn_dim: 64, "
+              "attention_heads: 2, resnet_type: resnet18, trunk_stride: 8}")
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "ofa_lightning.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
+    if check and done.returncode != 0:
+        raise AssertionError(f"ofa-lightning {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return done
+
+
+def tiny_fit_args(steps: int = 2, *extra: str) -> list[str]:
+    """Overrides that make any config a seconds-long run; outputs go under the working
+    directory (the configs' relative runs/ paths), so each run gets its own cwd."""
+    return ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.log_every_n_steps", "1",
+            "--model.model_overrides", TINY_MODEL,
+            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
+            "--data.init_args.max_eval_samples", "4", "--data.init_args.tokenizer_texts", "200",
+            *extra]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+
+
+def logged(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    (metrics,) = run_dir.rglob("metrics.csv")
+    rows = csv.DictReader(metrics.open())
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    out = run_cli("--help", cwd=tmp_path).stdout
+    for command in ("fit", "validate", "test", "predict", "tasks", "convert"):
+        assert command in out
+
+
+def test_tasks_lists_plugins_with_official_instructions(tmp_path):
+    out = run_cli("tasks", cwd=tmp_path).stdout
+    assert "what does the image describe?" in out
+    assert 'which region does the text " {} " describe?' in out
+    assert "tasks.vqa.VQATask" in out
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
+def test_every_config_parses_and_runs_two_steps(config, tmp_path):
+    first_line = config.read_text().splitlines()[0]
+    assert first_line.startswith("# ofa-lightning "), f"{config} must start with its command"
+    extra = ["--trainer.accelerator", "cpu", "--trainer.devices", "1",
+             "--trainer.precision", "32-true", "--trainer.strategy", "auto"]
+    configs = ["--config", str(QUICKSTART)] if config != QUICKSTART else []
+    run_cli("fit", *configs, "--config", str(config), *tiny_fit_args(), *extra, cwd=tmp_path)
+    assert logged(tmp_path, "train/loss")
+
+
+def test_fit_then_predict_from_the_checkpoint_alone(tmp_path):
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(), cwd=tmp_path)
+    checkpoint = last_checkpoint(tmp_path)
+    assert checkpoint.is_file()
+    from datamodules.shapes_world import ShapesWorld
+
+    image = tmp_path / "scene.png"
+    ShapesWorld(seed=99).scene(0, split="test").image.save(image)
+    elsewhere = tmp_path / "elsewhere"  # nothing but the checkpoint and the image
+    elsewhere.mkdir()
+    vqa = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image), "--task", "vqa",
+                  "--text", "how many shapes are there?", cwd=elsewhere).stdout
+    assert str(image) in vqa
+    grounding = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image),
+                        "--task", "visual_grounding", "--text", "the red circle",
+                        "--output_dir", str(elsewhere), cwd=elsewhere).stdout
+    assert "box" in grounding and (elsewhere / "scene_box.png").is_file()
+    free = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image),
+                   "--instruction", " what does the image describe?", cwd=elsewhere)
+    assert free.returncode == 0
+    bad = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image), "--task",
+                  "detection", cwd=elsewhere, check=False)
+    assert bad.returncode != 0 and "has no task 'detection'" in bad.stderr
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+    """Stop after 2 of 4 steps, resume from last.ckpt: steps 2-3 log the losses an
+    uninterrupted run logs (weights, optimiser state and the data stream all continue).
+    A constant learning rate keeps the schedule independent of where a leg ends."""
+    constant_lr = ["--model.warmup_ratio", "0", "--model.end_lr_factor", "1.0",
+                   "--trainer.val_check_interval", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(4), *constant_lr, cwd=straight)
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(2), *constant_lr, cwd=resumed)
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(4), *constant_lr,
+            "--ckpt_path", str(last_checkpoint(resumed)), cwd=resumed)
+    expected = dict(logged(straight, "train/loss"))
+    got: dict[int, float] = {}
+    for metrics in sorted(resumed.rglob("metrics.csv")):
+        got.update((int(r["step"]), float(r["train/loss"]))
+                   for r in csv.DictReader(metrics.open()) if r.get("train/loss"))
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3], (got, expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    """Same global batch: 2 gloo processes x 4 samples == 1 process x 8 samples. BatchNorm is
+    frozen so that per-process batch statistics cannot differ."""
+    frozen = "{encoder_layers: 1, decoder_layers: 1, embed_dim: 32, ffn_dim: 64, attention_heads: 2, " \
+             "resnet_type: resnet18, trunk_stride: 8, freeze_bn: true}"
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+    common = ["--config", str(QUICKSTART), *tiny_fit_args(3), "--model.model_overrides", frozen]
+    run_cli("fit", *common, "--data.init_args.batch_size", "8", cwd=single)
+    run_cli("fit", *common, "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", cwd=ddp)
+    one, two = dict(logged(single, "train/loss")), dict(logged(ddp, "train/loss"))
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_unknown_task_class_path_names_module_and_known_tasks(tmp_path):
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["data"]["init_args"]["tasks"][0]["class_path"] = "tasks.caption.NoSuchTask"
+    path = tmp_path / "bad.yaml"
+    path.write_text("# ofa-lightning fit --config bad.yaml\n" + yaml.safe_dump(config))
+    done = run_cli("fit", "--config", str(path), *tiny_fit_args(), cwd=tmp_path, check=False)
+    assert done.returncode != 0
+    assert "NoSuchTask" in done.stderr and "'tasks.caption'" in done.stderr
+    assert "CaptionTask" in done.stderr and "tasks.vqa.VQATask" in done.stderr  # what exists
+
+
+PLUGIN = """
+from tasks.caption import CaptionTask
+
+
+class PictureTask(CaptionTask):
+    \"\"\"A plugin that lives outside the package: captioning under another instruction.\"\"\"
+
+    name = "picture"
+    instruction = " what is in the picture?"
+"""
+
+
+def test_a_plugin_outside_the_package_runs_by_class_path(tmp_path):
+    plugins = tmp_path / "my_plugins"
+    plugins.mkdir()
+    (plugins / "picture_task.py").write_text(PLUGIN)
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["data"]["init_args"]["tasks"] = [{
+        "class_path": "picture_task.PictureTask",
+        "init_args": {"source": {"class_path": "datamodules.sources.ShapesWorldSource",
+                                 "init_args": {"kind": "caption"}}}}]
+    path = tmp_path / "picture.yaml"
+    path.write_text("# ofa-lightning fit --config picture.yaml\n" + yaml.safe_dump(config))
+    run_cli("fit", "--config", str(path), *tiny_fit_args(), cwd=tmp_path,
+            env={"PYTHONPATH": str(plugins)})
+    assert logged(tmp_path, "val/picture/cider")
