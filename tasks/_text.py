@@ -106,3 +106,9 @@ def finite_numbers(task: Task, record: Mapping[str, Any], field: str, values: An
     if not all(math.isfinite(v) for v in numbers):
         raise field_error(task, record, field, f"holds a non-finite number: {numbers}")
     return numbers
+
+
+def check_choice(owner: str, field: str, value: Any, choices: Any) -> None:
+    """Raise a ValueError naming the init argument, the value and the valid choices."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {field} must be one of {list(choices)}, got {value!r}")

@@ -13,7 +13,8 @@ from ofa_lightning.data import Sample
 from ofa_lightning.metrics import CAPTION_METRICS, CaptionMetrics, java_available, strip_punctuation
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import check_max_words, field_error, load_image, pre_caption, where
+from tasks._text import (check_choice, check_max_words, field_error, load_image, pre_caption,
+                         where)
 
 TOKENIZERS = ("auto", "ptb", "simple")
 
@@ -68,9 +69,7 @@ class CaptionTask(Task):
         if not scorers or unknown:
             raise ValueError(f"{type(self).__name__}: scorers must be a non-empty choice from "
                              f"{list(CAPTION_METRICS)}, got {list(scorers)}")
-        if tokenizer not in TOKENIZERS:
-            raise ValueError(f"{type(self).__name__}: tokenizer must be one of {list(TOKENIZERS)}, "
-                             f"got {tokenizer!r}")
+        check_choice(type(self).__name__, "tokenizer", tokenizer, TOKENIZERS)
         self.scorers = scorers
         self.tokenizer = tokenizer
 

@@ -16,7 +16,8 @@ from ofa_lightning.generation import Trie, generate, score_candidates
 from ofa_lightning.metrics import VQAAccuracy
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import check_max_words, field_error, load_image, pre_question, text_field, where
+from tasks._text import (check_choice, check_max_words, field_error, load_image, pre_question,
+                         text_field, where)
 
 DECODE_MODES = ("beam", "trie", "allcand")
 PROMPT_TYPES = ("none", "prev_output")
@@ -71,12 +72,8 @@ class VQATask(Task):
                  prompt_type: Literal["none", "prev_output"] = "none",
                  max_source_length: int = 80, chunk_size: int = 20) -> None:
         owner = type(self).__name__
-        if decode_mode not in DECODE_MODES:
-            raise ValueError(f"{owner}: decode_mode must be one of {list(DECODE_MODES)}, "
-                             f"got {decode_mode!r}")
-        if prompt_type not in PROMPT_TYPES:
-            raise ValueError(f"{owner}: prompt_type must be one of {list(PROMPT_TYPES)}, "
-                             f"got {prompt_type!r}")
+        check_choice(owner, "decode_mode", decode_mode, DECODE_MODES)
+        check_choice(owner, "prompt_type", prompt_type, PROMPT_TYPES)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{owner}: chunk_size must be a positive integer, got {chunk_size!r}")
         # With a decoder prompt the length budget counts the prompt too: src_len covers it.
