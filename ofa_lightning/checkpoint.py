@@ -20,6 +20,8 @@ from its config, so loading them could only disagree with it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import math
 import os
@@ -40,6 +42,8 @@ from ofa_lightning.config import OFAConfig
 PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT_NAME = "ofa-lightning"
+# the entry OFAModule adds to every Lightning checkpoint `ofa-lightning fit` writes
+FIT_CHECKPOINT_KEY = "ofa_lightning"
 FORMAT_VERSION = 1
 
 # The three names of the one shared token embedding (share_all_embeddings).
@@ -83,9 +87,10 @@ class LoadedCheckpoint:
 
     config: OFAConfig
     state_dict: dict[str, Tensor]  # official key names, derived buffers removed
-    vocab_state: dict[str, Any] | None  # only this project's format carries a vocabulary
-    source_format: str  # "fairseq" | "state_dict" | "hf" | "ofa-lightning"
+    vocab_state: dict[str, Any] | None  # only this project's files carry a vocabulary
+    source_format: str  # "fairseq" | "state_dict" | "hf" | "ofa-lightning" | "fit"
     path: Path
+    run_config: str | None = None  # a fit checkpoint's resolved YAML (tasks, image size)
 
 
 # ===================================================================================== reading
@@ -535,6 +540,8 @@ def _detect_format(raw: Any, source: Path) -> str:
             return "fairseq"
         if raw and all(isinstance(value, Tensor) for value in raw.values()):
             return "state_dict"
+        if isinstance(raw.get(FIT_CHECKPOINT_KEY), Mapping) and isinstance(raw.get("state_dict"), Mapping):
+            return "fit"
         keys = ", ".join(repr(key) for key in list(raw)[:12])
         hint = (" This looks like a Lightning training checkpoint; load it with the Lightning "
                 "module instead." if "pytorch-lightning_version" in raw else "")
@@ -607,6 +614,19 @@ def _load_own_format(raw: Mapping[str, Any], source: Path, use_ema: bool,
     return LoadedCheckpoint(config, _clean(weights, source), raw.get("vocab"), FORMAT_NAME, source)
 
 
+def _load_fit_checkpoint(raw: Mapping[str, Any], source: Path, use_ema: bool,
+                         overrides: Mapping[str, Any]) -> LoadedCheckpoint:
+    """A Lightning checkpoint of ``ofa-lightning fit``: OFAModule keeps the network under
+    ``model.`` and its config, vocabulary and run YAML under FIT_CHECKPOINT_KEY."""
+    info = raw[FIT_CHECKPOINT_KEY]
+    weights = {key.removeprefix("model."): value for key, value in raw["state_dict"].items()
+               if key.startswith("model.")}
+    own = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+           "config": info.get("model_config"), "state_dict": weights, "vocab": info.get("vocab")}
+    loaded = _load_own_format(own, source, use_ema, overrides)
+    return dataclasses.replace(loaded, source_format="fit", run_config=info.get("run_config"))
+
+
 def _finish(config: OFAConfig, weights: Mapping[str, Tensor], source: Path,
             overrides: Mapping[str, Any], origin: str) -> OFAConfig:
     """Apply overrides, then make sure the result still describes these weights."""
@@ -636,6 +656,8 @@ def load_checkpoint(path: PathLike, use_ema: bool = False, **overrides: Any) -> 
     layout = _detect_format(raw, source)
     if layout == FORMAT_NAME:
         return _load_own_format(raw, source, use_ema, overrides)
+    if layout == "fit":
+        return _load_fit_checkpoint(raw, source, use_ema, overrides)
     if layout == "fairseq":
         weights_raw = _ema_weights(raw, source) if use_ema else raw["model"]
         args = _official_args(raw)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from ofa_lightning.checkpoint import FIT_CHECKPOINT_KEY, load_checkpoint, load_state_dict_strict
 from ofa_lightning.config import OFAConfig
 from ofa_lightning.data import Batch
 from ofa_lightning.losses import label_smoothed_cross_entropy
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-CHECKPOINT_KEY = "ofa_lightning"
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -61,7 +61,8 @@ class OFAModule(LightningModule):
             vocab: the vocabulary; with the CLI it is linked from the datamodule.
             tasks: the task plugins; with the CLI they are linked from the datamodule.
             init_from: weights to start from: an official OFA checkpoint (fairseq ``.pt``,
-                bare or HF state dict) or this project's own file or ``.ckpt``.
+                bare or HF state dict), this project's own file, or a ``.ckpt`` of an
+                earlier ``fit`` (fine-tuning the quickstart, say).
             lr_scheduler: replaces the default warm-up + linear decay over the run.
         """
         super().__init__()
@@ -96,9 +97,11 @@ class OFAModule(LightningModule):
             self._load_initial_weights(self.init_from)
 
     def _load_initial_weights(self, path: str) -> None:
-        from ofa_lightning.checkpoint import load_checkpoint, load_state_dict_strict
-
         loaded = load_checkpoint(path)
+        if loaded.vocab_state is not None and UnifiedVocab.from_state(loaded.vocab_state) != self.vocab:
+            raise ValueError(
+                f"init_from={path} was trained with another vocabulary than this run's; give the "
+                f"datamodule that run's vocabulary (--data.init_args.vocab <run log dir>/vocab)")
         if loaded.config.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"init_from={path} has a {loaded.config.vocab_size}-entry vocabulary, this run's "
@@ -174,6 +177,6 @@ class OFAModule(LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"model_config": self.config.to_dict(),
+        checkpoint[FIT_CHECKPOINT_KEY] = {"model_config": self.config.to_dict(),
                                       "vocab": self.vocab.to_state(),
                                       "run_config": self.run_config}

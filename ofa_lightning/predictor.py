@@ -14,8 +14,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from ofa_lightning.checkpoint import CheckpointError, load_state_dict_strict
-from ofa_lightning.config import OFAConfig
+from ofa_lightning.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from ofa_lightning.data import Sample, collate
 from ofa_lightning.generation import GenerationConfig, generate
 from ofa_lightning.model import OFAModel
@@ -23,7 +22,6 @@ from ofa_lightning.task import SampleContext, Task, image_to_tensor, open_image
 from ofa_lightning.vocab import UnifiedVocab
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-MODULE_KEY = "ofa_lightning"
 # free-form instructions decode like captions (the official caption evaluation settings)
 FREE_FORM_GENERATION = GenerationConfig(beam=5, max_len_b=16, min_len=1, no_repeat_ngram_size=3)
 
@@ -57,23 +55,18 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Predictor":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        info = checkpoint.get(MODULE_KEY)
-        if info is None:
-            raise CheckpointError(f"{path} was not written by `ofa-lightning fit` (no "
-                                  f"{MODULE_KEY!r} entry); convert official weights with "
-                                  f"`ofa-lightning convert` and fine-tune them first")
-        model = OFAModel(OFAConfig.from_dict(info["model_config"])).eval()
-        weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-                   if k.startswith("model.")}
-        load_state_dict_strict(model, weights, source=path)
-        run = yaml.safe_load(info["run_config"]) if info.get("run_config") else {}
+        loaded = load_checkpoint(path)
+        if loaded.source_format != "fit" or loaded.vocab_state is None:
+            raise CheckpointError(f"{path} is a {loaded.source_format} checkpoint, not one "
+                                  f"written by `ofa-lightning fit`: it carries no vocabulary or "
+                                  f"tasks; fine-tune it first (--model.init_from)")
+        model = OFAModel(loaded.config).eval()
+        load_state_dict_strict(model, loaded.state_dict, source=path)
+        run = yaml.safe_load(loaded.run_config) if loaded.run_config else {}
         data = (run.get("data") or {}).get("init_args", {})
-        tasks = _instantiate_tasks(data.get("tasks", []))
-        return cls(model, UnifiedVocab.from_state(info["vocab"]), {t.name: t for t in tasks},
+        specs = data.get("tasks") or ([data["task"]] if data.get("task") else [])
+        tasks = _instantiate_tasks(specs)
+        return cls(model, UnifiedVocab.from_state(loaded.vocab_state), {t.name: t for t in tasks},
                    int(data.get("image_size", model.config.patch_image_size)))
 
     def _task(self, name: str) -> Task:

@@ -98,6 +98,14 @@ def test_fit_then_predict_from_the_checkpoint_alone(tmp_path):
     bad = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image), "--task",
                   "detection", cwd=elsewhere, check=False)
     assert bad.returncode != 0 and "has no task 'detection'" in bad.stderr
+    # the checkpoint also seeds single-task fine-tuning, with the vocabulary its run saved
+    finetune = tmp_path / "finetune"
+    finetune.mkdir()
+    (vocab,) = tmp_path.glob("runs/quickstart/logs/*/vocab")
+    run_cli("fit", "--config", str(QUICKSTART), "--config", str(REPO / "configs/finetune/vqa.yaml"),
+            *tiny_fit_args(), "--model.init_from", str(checkpoint),
+            "--data.init_args.vocab", str(vocab), cwd=finetune)
+    assert logged(finetune, "val/vqa/accuracy")
 
 
 def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
