@@ -23,7 +23,8 @@ from ofa_lightning.config import OFAConfig
 from ofa_lightning.losses import label_smoothed_cross_entropy
 from ofa_lightning.model import OFAModel
 
-# The official OFA code, same setting, on this machine (fp32, seconds): forward, beam, train.
+# The official OFA code, same setting, fp32 seconds (../shared/ENV.md's anchors, taken on the
+# reference 2-core machine; compare the matmul roofs when this run is on another CPU).
 OFFICIAL_SECONDS = {"forward": 0.76, "beam5": 1.6, "train_step": 2.55}
 
 
@@ -136,8 +137,9 @@ def main() -> None:
             ratio = seconds / OFFICIAL_SECONDS[name]
             print(f"{name:<12}{seconds:>9.3f}{flops[name] / 1e9:>9.1f}{rate / 1e12:>9.3f}"
                   f"{rate / peak:>9.1%}{ratio:>17.2f}x")
-    print("\nofficial fp32 on this machine (s):", OFFICIAL_SECONDS,
-          "(train step quoted as 2.3-2.8 s; 2.55 s used as the midpoint)")
+    print("\nofficial fp32 anchors (s):", OFFICIAL_SECONDS, "(train step quoted as 2.3-2.8 s; "
+          "2.55 s used; measured on the reference machine, whose fp32 / bf16 matmul roofs were "
+          "0.28-0.33 / 1.0-2.0 TFLOP/s)")
 
 
 if __name__ == "__main__":
