@@ -400,6 +400,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders("test")
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """``ofa-lightning predict --config``: the test split of every task."""
+        return self._eval_dataloaders("test")
+
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position (global sample index at ``global_step``) and what
         the stream depends on, so a resumed run continues it and warns when it cannot."""

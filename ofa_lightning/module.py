@@ -41,6 +41,11 @@ def _metric_values(name: str, value: Any) -> dict[str, torch.Tensor]:
     return {name: value}
 
 
+def _plain(value: Any) -> Any:
+    """Predictions as JSON-ready values (boxes come back as tensors)."""
+    return value.tolist() if isinstance(value, torch.Tensor) else value
+
+
 class OFAModule(LightningModule):
     def __init__(
         self,
@@ -174,6 +179,14 @@ class OFAModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+                     ) -> list[dict[str, Any]]:
+        """One record per sample: task, record id and the task's decoded prediction."""
+        task = self.tasks[dataloader_idx]
+        predictions = task.predict(self.model, batch, self.vocab)
+        return [{"task": task.name, "id": meta.get("id"), "prediction": _plain(prediction)}
+                for prediction, meta in zip(predictions, batch.meta)]
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

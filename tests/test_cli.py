@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def tiny_fit_args(steps: int = 2, *extra: str) -> list[str]:
             "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
             "--data.init_args.max_eval_samples", "4", "--data.init_args.tokenizer_texts", "200",
             *extra]
+
+
+def tiny_predict_args() -> list[str]:
+    return ["--model.model_overrides", TINY_MODEL, "--trainer.precision", "32-true",
+            "--trainer.limit_predict_batches", "1", "--data.init_args.eval_batch_size", "4",
+            "--data.init_args.max_eval_samples", "4", "--data.init_args.tokenizer_texts", "200"]
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -100,6 +107,13 @@ def test_fit_then_predict_from_the_checkpoint_alone(tmp_path):
     bad = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image), "--task",
                   "detection", cwd=elsewhere, check=False)
     assert bad.returncode != 0 and "has no task 'detection'" in bad.stderr
+    # LightningCLI's predict with the run's config: every test record of every task
+    run_cli("predict", "--config", str(QUICKSTART), *tiny_predict_args(),
+            "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    records = [json.loads(line) for line in
+               (tmp_path / "runs/quickstart/predictions/predictions.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in records} == {"caption", "vqa", "visual_grounding"}
+    assert all(len(r["prediction"]) == 4 for r in records if r["task"] == "visual_grounding")
     # the checkpoint also seeds single-task fine-tuning, with the vocabulary its run saved
     finetune = tmp_path / "finetune"
     finetune.mkdir()
