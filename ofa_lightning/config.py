@@ -186,21 +186,16 @@ class OFAConfig:
             "decoder_drop_path_rate": "decoder_drop_path_rate",
             "resnet_drop_path_rate": "resnet_drop_path_rate",
         }
+        # store_true switches: a stored None means the flag was not given, i.e. False
+        switches = {"scale_attn", "scale_fc", "scale_heads", "freeze_resnet"}
         overrides: dict[str, Any] = {}
         for official, ours in mapping.items():
-            if values.get(official) is not None:
+            if official in switches and official in values:
+                overrides[ours] = bool(values[official])
+            elif values.get(official) is not None:
                 overrides[ours] = values[official]
-        for flag in ("scale_attn", "scale_fc", "scale_heads", "freeze_bn"):
-            if flag in overrides:
-                overrides[flag] = bool(overrides[flag])
-        for name in ("attn_scale_factor",):
-            if name in overrides:
-                overrides[name] = float(overrides[name])
-        # The released flags are store_true switches: absent means False in the official code.
-        for official, ours in (("scale_attn", "scale_attn"), ("scale_fc", "scale_fc"),
-                               ("scale_heads", "scale_heads")):
-            if official in values and values[official] is None:
-                overrides[ours] = False
+        if "attn_scale_factor" in overrides:
+            overrides["attn_scale_factor"] = float(overrides["attn_scale_factor"])
         return dataclasses.replace(config, **overrides)
 
 
