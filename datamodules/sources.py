@@ -16,9 +16,13 @@ Every source here implements this protocol (``ofa_lightning.task.RecordSource``)
 
 A record is a plain mapping with an ``id`` and the fields of its task's schema:
 
-    caption            {id, image, captions: list[str]}
+    caption            {id, image, captions: list[str], objects: list[str] (optional: the
+                       object words a negative caption may swap, OFA's gt_objects)}
     vqa                {id, image, question, answers: {answer: score}}
     visual_grounding   {id, image, text, box: [x0, y0, x1, y1] in pixels of the original image}
+    detection          {id, image, objects: [{box: [x0, y0, x1, y1], label: str}, ...]}
+    text               {id, text}             (pure text: text infilling)
+    image              {id, image}            (pure image: image infilling, tokenizers)
 
 ``image`` is anything :func:`ofa_lightning.task.open_image` reads: a PIL image, a file path
 or encoded bytes. Sources only fetch and check what they own (the file, the line, the JSON,
@@ -38,27 +42,30 @@ from array import array
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from datamodules.shapes_world import NUMBER_WORDS, SIZES, SPLITS, Scene, ShapesWorld
+from datamodules.shapes_world import NUMBER_WORDS, SIZES, SPLITS, Scene, ShapesWorld, describe
 from ofa_lightning.task import RecordError
 
 __all__ = ["IndexedSource", "ShapesWorldSource", "JsonlSource", "MemorySource",
            "record_texts", "locate", "SHAPES_WORLD_KINDS"]
 
-SHAPES_WORLD_KINDS = ("caption", "vqa", "visual_grounding")
+SHAPES_WORLD_KINDS = ("caption", "vqa", "visual_grounding", "detection", "text", "image")
 # fields that hold no text of the record (never fed to the tokenizer)
 _NON_TEXT_FIELDS = frozenset({"id", "image", "box"})
 
 
 def record_texts(record: Mapping[str, Any]) -> Iterator[str]:
-    """Every string of a record but its id and image: strings, strings inside lists, and
-    mapping keys (the answers of ``{answer: score}``)."""
+    """Every string of a record but its id and image: strings, strings inside lists and
+    nested mappings, and the keys that carry a number (the answers of ``{answer: score}``;
+    a field name such as ``label`` of ``{box, label}`` is not text)."""
     def walk(value: Any) -> Iterator[str]:
         if isinstance(value, str):
             yield value
         elif isinstance(value, Mapping):
             for key, item in value.items():
-                yield from walk(key)
-                yield from walk(item)
+                if isinstance(item, (int, float)):
+                    yield from walk(key)
+                else:
+                    yield from walk(item)
         elif isinstance(value, (list, tuple)):
             for item in value:
                 yield from walk(item)
@@ -128,13 +135,16 @@ class ShapesWorldSource(IndexedSource):
     questions (vqa) or referring expressions (visual_grounding) are put in an order drawn
     from ``(seed, kind, split, scene)``, and the ``records_per_scene`` records of one scene
     take the first ones of that order (cycling when a scene has fewer), so they differ.
-    Caption records carry all reference captions of their scene.
+    Caption records carry all reference captions of their scene and its shape names (the
+    words an image-text-matching negative swaps); detection records every object, left to
+    right, labelled ``"large red circle"``; text records the scene's true sentences as one
+    text; image records the image alone.
 
     The train split is endless; val and test hold ``val_size`` / ``test_size`` records,
     drawn from their own scene streams, so they never show a training scene.
 
     Args:
-        kind: ``"caption"``, ``"vqa"`` or ``"visual_grounding"``: the record schema.
+        kind: one of ``SHAPES_WORLD_KINDS``: the record schema (see the module docstring).
         seed: the world's seed; two sources with the same arguments give the same records.
         image_size: side of the rendered images in pixels (the task resizes them again).
         val_size, test_size: records in the held-out splits.
@@ -179,6 +189,14 @@ class ShapesWorldSource(IndexedSource):
         record: dict[str, Any] = {"id": f"shapes-{self.kind}-{split}-{index}", "image": scene.image}
         if self.kind == "caption":
             record["captions"] = list(scene.captions)
+            record["objects"] = list(dict.fromkeys(o.shape for o in scene.objects))
+            return record
+        if self.kind == "detection":
+            record["objects"] = [{"box": list(o.box), "label": describe(o)} for o in scene.objects]
+            return record
+        if self.kind == "text":
+            return {"id": record["id"], "text": " ".join(scene.sentences)}
+        if self.kind == "image":
             return record
         items = scene.questions if self.kind == "vqa" else scene.referring
         order = random.Random(f"shapes-source/{self.seed}/{self.kind}/{split}/{scene_index}"

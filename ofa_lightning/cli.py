@@ -21,27 +21,31 @@ EXTRA_COMMANDS = {
 
 # --- LightningCLI ------------------------------------------------------------------------------
 def _lightning_cli(argv: Sequence[str]) -> None:
+    """OFAModule runs (the default), or any LightningModule a config names by class path
+    (``model: {class_path: ofa_lightning.tokenizer.training.VQTokenizerModule}``): such a run
+    gets the same trainer defaults, progress bar and summary, but no vocabulary links."""
     from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.loggers import CSVLogger
 
-    from datamodules.multitask import MultiTaskDataModule
-    from ofa_lightning.module import OFAModule
-
-    class OFALightningCLI(LightningCLI):
+    class RunCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
             # always on, configurable as --progress_bar.* / --model_summary.*
             parser.add_lightning_class_args(RichProgressBar, "progress_bar")
             parser.add_lightning_class_args(RichModelSummary, "model_summary")
+
+        def before_instantiate_classes(self) -> None:
+            self._run_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand],
+                                                                 skip_none=False)
+
+    class OFALightningCLI(RunCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            super().add_arguments_to_parser(parser)
             # one vocabulary and one task list, built by the datamodule, shared by the model
             parser.link_arguments("data", "model.vocab", compute_fn=lambda dm: dm.vocab,
                                   apply_on="instantiate")
             parser.link_arguments("data", "model.tasks", compute_fn=lambda dm: dm.tasks,
                                   apply_on="instantiate")
-
-        def before_instantiate_classes(self) -> None:
-            self._run_yaml = self._parser(self.subcommand).dump(self.config[self.subcommand],
-                                                                 skip_none=False)
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -49,28 +53,52 @@ def _lightning_cli(argv: Sequence[str]) -> None:
 
     description = "OFA as a Lightning research template. Also: " + "; ".join(
         f"ofa-lightning {name}: {text}" for name, text in EXTRA_COMMANDS.items())
-    OFALightningCLI(OFAModule, MultiTaskDataModule, subclass_mode_data=True,
-                    auto_configure_optimizers=False, args=list(argv),
-                    parser_kwargs={"description": description},
-                    trainer_defaults={"logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger"}},
-                    save_config_kwargs={"overwrite": True})
+    common = dict(subclass_mode_data=True, auto_configure_optimizers=False, args=list(argv),
+                  parser_kwargs={"description": description},
+                  trainer_defaults={"logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger"}},
+                  save_config_kwargs={"overwrite": True})
+    if _names_model_class(argv):
+        RunCLI(subclass_mode_model=True, **common)
+        return
+    from datamodules.multitask import MultiTaskDataModule
+    from ofa_lightning.module import OFAModule
+
+    OFALightningCLI(OFAModule, MultiTaskDataModule, **common)
+
+
+def _config_files(argv: Sequence[str]) -> list[str]:
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def _read_config(file: str) -> dict[str, Any]:
+    """A config file's top level, or {} when it does not read (LightningCLI reports that)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(file)) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _names_model_class(argv: Sequence[str]) -> bool:
+    """Whether a config (or ``--model``) picks the LightningModule by class path."""
+    if any(a == "--model" or a.startswith("--model=") or a.startswith("--model.class_path")
+           for a in argv):
+        return True
+    return any(isinstance(_read_config(f).get("model"), dict)
+               and "class_path" in _read_config(f)["model"] for f in _config_files(argv))
 
 
 def check_task_class_paths(argv: Sequence[str]) -> None:
     """Resolve every task class path of the ``--config`` files before LightningCLI does, so
     a typo is reported with the module it names and the tasks that do exist."""
-    import yaml
-
     from ofa_lightning.plugins import resolve_task_class
 
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for file in files:
-        try:
-            data = (yaml.safe_load(open(file)) or {}).get("data") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue  # LightningCLI reports unreadable configs itself
-        init = data.get("init_args") or {}
+    for file in _config_files(argv):
+        data = _read_config(file).get("data") or {}
+        init = data.get("init_args") or {} if isinstance(data, dict) else {}
         specs = list(init.get("tasks") or []) + ([init["task"]] if init.get("task") else [])
         for spec in specs:
             if isinstance(spec, dict) and "class_path" in spec:

@@ -119,17 +119,30 @@ def datamodule(tasks: list[Task], **kwargs: Any) -> MultiTaskDataModule:
 
 
 # ---------------------------------------------------------------- ShapesWorldSource
-@pytest.mark.parametrize("kind", ["caption", "vqa", "visual_grounding"])
+@pytest.mark.parametrize("kind", ["caption", "vqa", "visual_grounding", "detection", "text",
+                                  "image"])
 def test_shapes_world_records_match_the_task_schemas(kind: str) -> None:
     source = ShapesWorldSource(kind, seed=3, image_size=48, val_size=4, test_size=2)
     assert source.size("train") is None and source.size("val") == 4 and source.size("test") == 2
     for split in ("train", "val", "test"):
         record = source.record(split, 1)
         assert record["id"] == f"shapes-{kind}-{split}-1"
+        if kind == "text":
+            assert set(record) == {"id", "text"} and record["text"].startswith("there ")
+            continue
         assert isinstance(record["image"], Image.Image) and record["image"].size == (48, 48)
-        if kind == "caption":
-            assert set(record) == {"id", "image", "captions"}
+        if kind == "image":
+            assert set(record) == {"id", "image"}
+        elif kind == "caption":
+            assert set(record) == {"id", "image", "captions", "objects"}
             assert record["captions"] and all(isinstance(c, str) and c for c in record["captions"])
+            assert record["objects"] and all(o in record["captions"][0] for o in record["objects"])
+        elif kind == "detection":
+            assert set(record) == {"id", "image", "objects"} and record["objects"]
+            for obj in record["objects"]:
+                x0, y0, x1, y1 = obj["box"]
+                assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+                assert obj["label"].split()[0] in ("small", "large")
         elif kind == "vqa":
             assert set(record) == {"id", "image", "question", "answers"}
             assert record["question"].endswith("?")
@@ -146,6 +159,9 @@ def test_shapes_world_records_match_the_task_schemas(kind: str) -> None:
     first = source.record("train", 5)
     assert {k: v for k, v in first.items() if k != "image"} == \
         {k: v for k, v in again.record("train", 5).items() if k != "image"}
+    if kind == "text":
+        assert source.record("val", 0)["text"] != source.record("train", 0)["text"]
+        return
     assert first["image"].tobytes() == again.record("train", 5)["image"].tobytes()
     assert source.record("val", 0)["image"].tobytes() != source.record("train", 0)["image"].tobytes()
     assert len(list(source.records("val"))) == 4
