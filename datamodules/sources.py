@@ -21,6 +21,8 @@ A record is a plain mapping with an ``id`` and the fields of its task's schema:
     vqa                {id, image, question, answers: {answer: score}}
     visual_grounding   {id, image, text, box: [x0, y0, x1, y1] in pixels of the original image}
     detection          {id, image, objects: [{box: [x0, y0, x1, y1], label: str}, ...]}
+    grounded_vqa       {id, image, question, box, answers: {answer: score}} (a question about
+                       the region the box marks: "what colour is the region?")
     text               {id, text}             (pure text: text infilling)
     image              {id, image}            (pure image: image infilling, tokenizers)
 
@@ -46,9 +48,13 @@ from datamodules.shapes_world import NUMBER_WORDS, SIZES, SPLITS, Scene, ShapesW
 from ofa_lightning.task import RecordError
 
 __all__ = ["IndexedSource", "ShapesWorldSource", "JsonlSource", "MemorySource",
-           "record_texts", "locate", "SHAPES_WORLD_KINDS"]
+           "record_texts", "locate", "SHAPES_WORLD_KINDS", "REGION_QUESTIONS"]
 
-SHAPES_WORLD_KINDS = ("caption", "vqa", "visual_grounding", "detection", "text", "image")
+SHAPES_WORLD_KINDS = ("caption", "vqa", "visual_grounding", "detection", "text", "image",
+                      "grounded_vqa")
+# the questions of a grounded_vqa record, and the object attribute each one asks for
+REGION_QUESTIONS = {"what colour is the region?": "colour", "what shape is the region?": "shape",
+                    "what size is the region?": "size"}
 # fields that hold no text of the record (never fed to the tokenizer)
 _NON_TEXT_FIELDS = frozenset({"id", "image", "box"})
 
@@ -198,12 +204,16 @@ class ShapesWorldSource(IndexedSource):
             return {"id": record["id"], "text": " ".join(scene.sentences)}
         if self.kind == "image":
             return record
-        items = scene.questions if self.kind == "vqa" else scene.referring
+        items = {"vqa": scene.questions, "visual_grounding": scene.referring,
+                 "grounded_vqa": _region_questions(scene)}[self.kind]
         order = random.Random(f"shapes-source/{self.seed}/{self.kind}/{split}/{scene_index}"
                               ).sample(range(len(items)), len(items))
         text, answer = items[order[slot % len(items)]]
         if self.kind == "vqa":
             record.update(question=text, answers={answer: 1.0})
+        elif self.kind == "grounded_vqa":
+            box, attribute = answer
+            record.update(question=text, box=box, answers={attribute: 1.0})
         else:
             record.update(text=text, box=list(answer))
         return record
@@ -223,6 +233,12 @@ class ShapesWorldSource(IndexedSource):
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers need no cached scene
         return {**self.__dict__, "_cache": None}
+
+
+def _region_questions(scene: Scene) -> list[tuple[str, tuple[list[int], str]]]:
+    """(question, (box, answer)) for every object of the scene and every region question."""
+    return [(question, (list(obj.box), getattr(obj, attribute)))
+            for obj in scene.objects for question, attribute in REGION_QUESTIONS.items()]
 
 
 # ---------------------------------------------------------------------------- JSON lines

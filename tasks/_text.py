@@ -13,11 +13,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ofa_lightning.location import box_to_tokens, resize_box
 from ofa_lightning.task import (RecordError, SampleContext, Task, image_to_tensor, open_image,
                                 record_id)
 
 __all__ = ["pre_caption", "pre_question", "truncate_words", "where", "load_image", "field_error",
-           "text_field", "check_max_words", "finite_numbers"]
+           "text_field", "check_max_words", "finite_numbers", "image_box", "box_bins"]
 
 _LEADING_PUNCTUATION = ",.!?*#:;~"
 _RUNS_OF_WHITESPACE = re.compile(r"\s{2,}")
@@ -106,6 +107,30 @@ def finite_numbers(task: Task, record: Mapping[str, Any], field: str, values: An
     if not all(math.isfinite(v) for v in numbers):
         raise field_error(task, record, field, f"holds a non-finite number: {numbers}")
     return numbers
+
+
+def image_box(task: Task, record: Mapping[str, Any], field: str, value: Any,
+              image_size: tuple[int, int]) -> list[float]:
+    """A box ``(x0, y0, x1, y1)`` in original-image pixels, checked to be finite, not
+    degenerate and inside the ``(width, height)`` image."""
+    box = finite_numbers(task, record, field, value, count=4)
+    x0, y0, x1, y1 = box
+    width, height = image_size
+    if not (x0 < x1 and y0 < y1):
+        raise field_error(task, record, field, f"{box} is degenerate or inverted; a box is "
+                          f"(x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise field_error(task, record, field, f"{box} reaches outside the {width}x{height} "
+                          f"image; boxes are in pixels of the original image")
+    return box
+
+
+def box_bins(box: Sequence[float], ratios: tuple[float, float], context: SampleContext
+             ) -> list[int]:
+    """An original-pixel box as the four ``<bin>`` ids of the resized image (OFA's RefCOCO
+    convention: scale by the resize ratios, quantise with max_image_size = image_size)."""
+    resized = resize_box(box, *ratios)
+    return box_to_tokens(resized, context.vocab, max_image_size=context.image_size).tolist()
 
 
 def check_choice(owner: str, field: str, value: Any, choices: Any) -> None:

@@ -8,11 +8,11 @@ import torch
 from torchmetrics import Metric
 
 from ofa_lightning.data import Sample
-from ofa_lightning.location import box_to_original, box_to_tokens, resize_box, tokens_to_box
+from ofa_lightning.location import box_to_original, tokens_to_box
 from ofa_lightning.metrics import GroundingAccuracy
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import (check_max_words, field_error, finite_numbers, load_image, pre_caption,
+from tasks._text import (box_bins, check_max_words, image_box, load_image, pre_caption,
                          text_field, where)
 
 
@@ -68,19 +68,9 @@ class VisualGroundingTask(Task):
                      train: bool) -> Sample:
         require_fields(record, self.required_fields, self.name, where(self))
         query = self.build_query(record, context)
-        box = finite_numbers(self, record, "box", record["box"], count=4)
-        (w_ratio, h_ratio), (width, height) = query.meta["ratios"], query.meta["image_size"]
-        x0, y0, x1, y1 = box
-        if not (x0 < x1 and y0 < y1):
-            raise field_error(self, record, "box", f"{box} is degenerate or inverted; a box is "
-                              f"(x0, y0, x1, y1) with x0 < x1 and y0 < y1")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise field_error(self, record, "box", f"{box} reaches outside the {width}x{height} "
-                              f"image; boxes are in pixels of the original image")
-        resized = resize_box(box, w_ratio, h_ratio)
-        # clip only absorbs float rounding at the border: the box is inside, checked above
-        target = box_to_tokens(resized, context.vocab, max_image_size=context.image_size)
-        return query.with_target(context.vocab, target.tolist(), meta={**query.meta, "box": box})
+        box = image_box(self, record, "box", record["box"], query.meta["image_size"])
+        target = box_bins(box, query.meta["ratios"], context)
+        return query.with_target(context.vocab, target, meta={**query.meta, "box": box})
 
     # ------------------------------------------------------------------ predictions
     def constraints(self, vocab: UnifiedVocab) -> dict[str, Any]:

@@ -89,10 +89,11 @@ class VQATask(Task):
     # ------------------------------------------------------------------ samples
     def build_query(self, record: Mapping[str, Any], context: SampleContext) -> Sample:
         question = self.question_text(text_field(self, record, "question"))
-        image, _, _ = load_image(self, record, context)
+        image, ratios, size = load_image(self, record, context)
         vocab = context.vocab
         return Sample.seq2seq(self.name, vocab, vocab.encode(self.fill_instruction(question)), [],
-                              image=image, meta={"id": record.get("id")})
+                              image=image, meta={"id": record.get("id"), "ratios": ratios,
+                                                 "image_size": size})
 
     def build_sample(self, record: Mapping[str, Any], context: SampleContext,
                      train: bool) -> Sample:

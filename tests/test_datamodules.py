@@ -24,7 +24,8 @@ from PIL import Image
 from datamodules.multitask import (MultiTaskDataModule, TaskDataModule, TrainStream,
                                    build_sample, permute)
 from datamodules.shapes_world import NUMBER_WORDS
-from datamodules.sources import JsonlSource, MemorySource, ShapesWorldSource, record_texts
+from datamodules.sources import (REGION_QUESTIONS, JsonlSource, MemorySource, ShapesWorldSource,
+                                 record_texts)
 from ofa_lightning.data import Sample
 from ofa_lightning.task import RecordError, SampleContext, Task
 from ofa_lightning.vocab import UnifiedVocab
@@ -120,7 +121,7 @@ def datamodule(tasks: list[Task], **kwargs: Any) -> MultiTaskDataModule:
 
 # ---------------------------------------------------------------- ShapesWorldSource
 @pytest.mark.parametrize("kind", ["caption", "vqa", "visual_grounding", "detection", "text",
-                                  "image"])
+                                  "image", "grounded_vqa"])
 def test_shapes_world_records_match_the_task_schemas(kind: str) -> None:
     source = ShapesWorldSource(kind, seed=3, image_size=48, val_size=4, test_size=2)
     assert source.size("train") is None and source.size("val") == 4 and source.size("test") == 2
@@ -137,6 +138,13 @@ def test_shapes_world_records_match_the_task_schemas(kind: str) -> None:
             assert set(record) == {"id", "image", "captions", "objects"}
             assert record["captions"] and all(isinstance(c, str) and c for c in record["captions"])
             assert record["objects"] and all(o in record["captions"][0] for o in record["objects"])
+        elif kind == "grounded_vqa":
+            assert set(record) == {"id", "image", "question", "box", "answers"}
+            attribute = REGION_QUESTIONS[record["question"]]
+            (answer, _), = record["answers"].items()
+            scene = source.world.scene(1, split)
+            assert any(list(o.box) == record["box"] and getattr(o, attribute) == answer
+                       for o in scene.objects)
         elif kind == "detection":
             assert set(record) == {"id", "image", "objects"} and record["objects"]
             for obj in record["objects"]:

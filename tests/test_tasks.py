@@ -185,7 +185,8 @@ def test_vqa_sample_has_the_official_ids_and_confidence_weight(official_vocab):
     assert sample.target.tolist() == [80, 3678, 2]
     assert sample.prev_output.tolist() == [0, 80, 3678]
     assert sample.weight == pytest.approx(0.6)
-    assert sample.meta == {"id": "q1", "answers": {"one dog": 0.3, "two dogs": 0.6}}
+    assert sample.meta == {"id": "q1", "answers": {"one dog": 0.3, "two dogs": 0.6},
+                           "image_size": (40, 30), "ratios": (32 / 40, 32 / 30)}
 
     prompted = VQATask(prompt_type="prev_output").build_sample(record, ctx, train=True)
     assert prompted.source.tolist() == sample.source.tolist()
