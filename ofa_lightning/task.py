@@ -107,7 +107,7 @@ def image_to_tensor(image: Image.Image, size: int) -> tuple[torch.Tensor, tuple[
 
 class Task(ABC):
     """Base class of task plugins. Subclasses set the class attributes and implement the
-    three abstract methods; everything else has a working default."""
+    abstract methods; everything else has a working default."""
 
     name: ClassVar[str]
     instruction: ClassVar[str]  # the official template; ``{}`` is filled from the record
@@ -138,9 +138,6 @@ class Task(ABC):
                      train: bool) -> Sample:
         """Record -> Sample. Raise RecordError naming the record and field when it is unusable."""
 
-    @abstractmethod
-    def decode(self, tokens: torch.Tensor, vocab: UnifiedVocab, meta: Mapping[str, Any]) -> Any:
-        """Generated tokens (1-D, ending in eos) -> the task's prediction (text, box, ...)."""
 
     @abstractmethod
     def metrics(self) -> dict[str, Metric]:
@@ -152,6 +149,11 @@ class Task(ABC):
         """Feed one batch of predictions and their samples' meta into ``metrics``."""
 
     # --- defaults -----------------------------------------------------------------------------
+    def decode(self, tokens: torch.Tensor, vocab: UnifiedVocab, meta: Mapping[str, Any]) -> Any:
+        """Generated tokens (1-D, ending in eos) -> the task's prediction (text, box, ...);
+        by default the text they spell, without the leading space of OFA's targets."""
+        return vocab.decode(tokens).strip()
+
     def fill_instruction(self, *values: str) -> str:
         return self.instruction.format(*values)
 

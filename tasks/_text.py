@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
+from torchmetrics import Metric
 
 from ofa_lightning.location import box_to_tokens, resize_box
+from ofa_lightning.metrics import CAPTION_METRICS, CaptionMetrics, java_available
 from ofa_lightning.task import (RecordError, SampleContext, Task, image_to_tensor, open_image,
                                 record_id)
 
 __all__ = ["pre_caption", "pre_question", "truncate_words", "where", "load_image", "field_error",
-           "text_field", "check_max_words", "finite_numbers", "image_box", "box_bins"]
+           "text_field", "check_max_words", "finite_numbers", "image_box", "box_bins", "answer_scores", "TOKENIZERS", "check_scorers",
+           "caption_metrics"]
 
 _LEADING_PUNCTUATION = ",.!?*#:;~"
 _RUNS_OF_WHITESPACE = re.compile(r"\s{2,}")
@@ -131,6 +135,62 @@ def box_bins(box: Sequence[float], ratios: tuple[float, float], context: SampleC
     convention: scale by the resize ratios, quantise with max_image_size = image_size)."""
     resized = resize_box(box, *ratios)
     return box_to_tokens(resized, context.vocab, max_image_size=context.image_size).tolist()
+
+
+def answer_scores(task: Task, record: Mapping[str, Any]) -> dict[str, float]:
+    """A VQA record's ``answers`` as ``{answer: confidence}``: a mapping, a list (1.0 each)
+    or one string; answers trimmed, confidences finite and >= 0."""
+    answers = record["answers"]
+    if isinstance(answers, str):
+        answers = [answers]
+    if isinstance(answers, Mapping):
+        pairs = list(answers.items())
+    elif isinstance(answers, Sequence):
+        pairs = [(a, 1.0) for a in answers]
+    else:
+        raise field_error(task, record, "answers", f"must be a dict answer -> confidence or a "
+                          f"list of answers, got {type(answers).__name__}")
+    scores: dict[str, float] = {}
+    for answer, score in pairs:
+        if not isinstance(answer, str) or not answer.strip():
+            raise field_error(task, record, "answers",
+                              f"must hold non-empty answer strings; found {answer!r}")
+        try:
+            value = float(score)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(score, bool) or not math.isfinite(value) or value < 0:
+            raise field_error(task, record, "answers", f"gives answer {answer!r} the "
+                              f"confidence {score!r}; confidences are numbers >= 0")
+        scores[answer.strip()] = value
+    if not scores:
+        raise field_error(task, record, "answers", "is empty")
+    return scores
+
+
+TOKENIZERS = ("auto", "ptb", "simple")
+
+
+def check_scorers(owner: str, scorers: Sequence[str] | str) -> tuple[str, ...]:
+    scorers = (scorers,) if isinstance(scorers, str) else tuple(scorers)
+    unknown = [s for s in scorers if s not in CAPTION_METRICS]
+    if not scorers or unknown:
+        raise ValueError(f"{owner}: scorers must be a non-empty choice from "
+                         f"{list(CAPTION_METRICS)}, got {list(scorers)}")
+    return scorers
+
+
+def caption_metrics(owner: str, scorers: Sequence[str],
+                    tokenizer: Literal["auto", "ptb", "simple"]) -> dict[str, Metric]:
+    """Caption metrics as ``CaptionTask`` reports them; ``"auto"`` picks the official PTB
+    tokenizer when Java is installed and warns when it falls back to the simple one."""
+    if tokenizer == "auto":
+        tokenizer = "ptb" if java_available() else "simple"
+        if tokenizer == "simple":
+            warnings.warn(f"{owner}: no `java` on PATH, so captions are scored with the "
+                          f"Java-free 'simple' tokenizer; scores differ slightly from the "
+                          f"official PTBTokenizer ones (install a JRE for those)", stacklevel=3)
+    return {"captioning": CaptionMetrics(metrics=tuple(scorers), tokenizer=tokenizer)}
 
 
 def check_choice(owner: str, field: str, value: Any, choices: Any) -> None:

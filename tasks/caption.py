@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any, Literal, Mapping, Sequence
 
-import torch
 from torchmetrics import Metric
 
 from ofa_lightning.data import Sample
-from ofa_lightning.metrics import CAPTION_METRICS, CaptionMetrics, java_available, strip_punctuation
+from ofa_lightning.metrics import strip_punctuation
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
-from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import (check_choice, check_max_words, field_error, load_image, pre_caption,
-                         where)
-
-TOKENIZERS = ("auto", "ptb", "simple")
+from tasks._text import (TOKENIZERS, caption_metrics, check_choice, check_max_words,
+                         check_scorers, field_error, load_image, pre_caption, where)
 
 
 class CaptionTask(Task):
@@ -64,13 +59,8 @@ class CaptionTask(Task):
         self.max_target_length = check_max_words(type(self).__name__, "max_target_length",
                                                  max_target_length)
         self.remove_punctuation = remove_punctuation
-        scorers = (scorers,) if isinstance(scorers, str) else tuple(scorers)
-        unknown = [s for s in scorers if s not in CAPTION_METRICS]
-        if not scorers or unknown:
-            raise ValueError(f"{type(self).__name__}: scorers must be a non-empty choice from "
-                             f"{list(CAPTION_METRICS)}, got {list(scorers)}")
         check_choice(type(self).__name__, "tokenizer", tokenizer, TOKENIZERS)
-        self.scorers = scorers
+        self.scorers = check_scorers(type(self).__name__, scorers)
         self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ samples
@@ -113,19 +103,9 @@ class CaptionTask(Task):
         return list(captions)
 
     # ------------------------------------------------------------------ predictions
-    def decode(self, tokens: torch.Tensor, vocab: UnifiedVocab, meta: Mapping[str, Any]) -> str:
-        return vocab.decode(tokens).strip()
-
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, Metric]:
-        tokenizer = self.tokenizer
-        if tokenizer == "auto":
-            tokenizer = "ptb" if java_available() else "simple"
-            if tokenizer == "simple":
-                warnings.warn("CaptionTask: no `java` on PATH, so captions are scored with the "
-                              "Java-free 'simple' tokenizer; scores differ slightly from the "
-                              "official PTBTokenizer ones (install a JRE for those)", stacklevel=2)
-        return {"captioning": CaptionMetrics(metrics=self.scorers, tokenizer=tokenizer)}
+        return caption_metrics(type(self).__name__, self.scorers, self.tokenizer)
 
     def update_metrics(self, metrics: dict[str, Metric], predictions: Sequence[Any],
                        metas: Sequence[Mapping[str, Any]]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
-import math
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -16,7 +14,7 @@ from ofa_lightning.generation import Trie, generate, score_candidates
 from ofa_lightning.metrics import VQAAccuracy
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import (check_choice, check_max_words, field_error, load_image, pre_question,
+from tasks._text import (answer_scores, check_choice, check_max_words, load_image, pre_question,
                          text_field, where)
 
 DECODE_MODES = ("beam", "trie", "allcand")
@@ -98,7 +96,7 @@ class VQATask(Task):
     def build_sample(self, record: Mapping[str, Any], context: SampleContext,
                      train: bool) -> Sample:
         require_fields(record, self.required_fields, self.name, where(self))
-        scores = self._answer_scores(record)
+        scores = answer_scores(self, record)
         answer = max(scores, key=scores.get)
         query = self.build_query(record, context)
         vocab = context.vocab
@@ -118,34 +116,6 @@ class VQATask(Task):
         """A question as the model reads it (without the leading space)."""
         question = pre_question(question, self.max_source_length)
         return question if question.endswith("?") else question + "?"
-
-    def _answer_scores(self, record: Mapping[str, Any]) -> dict[str, float]:
-        answers = record["answers"]
-        if isinstance(answers, str):
-            answers = [answers]
-        if isinstance(answers, Mapping):
-            pairs = list(answers.items())
-        elif isinstance(answers, Sequence):
-            pairs = [(a, 1.0) for a in answers]
-        else:
-            raise field_error(self, record, "answers", f"must be a dict answer -> confidence or a "
-                              f"list of answers, got {type(answers).__name__}")
-        scores: dict[str, float] = {}
-        for answer, score in pairs:
-            if not isinstance(answer, str) or not answer.strip():
-                raise field_error(self, record, "answers",
-                                  f"must hold non-empty answer strings; found {answer!r}")
-            try:
-                value = float(score)
-            except (TypeError, ValueError):
-                value = math.nan
-            if not math.isfinite(value) or value < 0:
-                raise field_error(self, record, "answers", f"gives answer {answer!r} the "
-                                  f"confidence {score!r}; confidences are numbers >= 0")
-            scores[answer.strip()] = value
-        if not scores:
-            raise field_error(self, record, "answers", "is empty")
-        return scores
 
     # ------------------------------------------------------------------ candidates
     def answer_candidates(self) -> list[str]:
