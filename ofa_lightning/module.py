@@ -124,13 +124,18 @@ class OFAModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- training ---------------------------------------------------------------------------
-    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _loss(self, batch: Batch, weighted: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Summed label-smoothed loss and nll, and the number of scored tokens. ``weighted``
+        applies the per-sample loss weights (training); evaluation leaves them out, so
+        validation losses of tasks with different weights read on one scale."""
         scored = batch.target.ne(self.vocab.pad)  # (B, T); logits only where a token is scored
         out = self.model(**batch.model_inputs(), logits_mask=scored)
-        token_weights = batch.weights[:, None].expand_as(batch.target)[scored]
+        token_weights = batch.weights[:, None].expand_as(batch.target)[scored] if weighted else None
         loss = label_smoothed_cross_entropy(out.logits[None], batch.target[scored][None],
                                             self.label_smoothing, self.vocab.pad,
-                                            weights=token_weights[None])
+                                            weights=None if token_weights is None
+                                            else token_weights[None])
         return loss.loss, loss.nll_loss, loss.num_tokens
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -152,7 +157,7 @@ class OFAModule(LightningModule):
     def _evaluate(self, batch: Batch, dataloader_idx: int, stage: str,
                   metrics: nn.ModuleList) -> None:
         task = self.tasks[dataloader_idx]
-        loss_sum, _, tokens = self._loss(batch)
+        loss_sum, _, tokens = self._loss(batch, weighted=False)
         self.log(f"{stage}/{task.name}/loss", loss_sum / max(tokens, 1), batch_size=len(batch),
                  add_dataloader_idx=False, sync_dist=True)
         predictions = task.predict(self.model, batch, self.vocab)

@@ -14,6 +14,8 @@ from ofa_lightning.metrics.captioning import (
     score_captions,
     strip_punctuation,
 )
+from ofa_lightning.metrics.classification import LabelAccuracy, TextReconstruction
+from ofa_lightning.metrics.detection import DetectionMetrics
 from ofa_lightning.metrics.grounding import GroundingAccuracy, grounding_iou
 from ofa_lightning.metrics.vqa import VQAAccuracy, vqa_soft_scores
 
@@ -21,7 +23,10 @@ __all__ = [
     "CAPTION_METRICS",
     "DEFAULT_CAPTION_METRICS",
     "CaptionMetrics",
+    "DetectionMetrics",
     "GroundingAccuracy",
+    "LabelAccuracy",
+    "TextReconstruction",
     "VQAAccuracy",
     "cider_d",
     "grounding_iou",
