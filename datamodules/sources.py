@@ -143,8 +143,8 @@ class ShapesWorldSource(IndexedSource):
     take the first ones of that order (cycling when a scene has fewer), so they differ.
     Caption records carry all reference captions of their scene and its shape names (the
     words an image-text-matching negative swaps); detection records every object, left to
-    right, labelled ``"large red circle"``; text records the scene's true sentences as one
-    text; image records the image alone.
+    right, labelled ``"large red circle"``; text records some of the scene's true sentences
+    as one text; image records the image alone.
 
     The train split is endless; val and test hold ``val_size`` / ``test_size`` records,
     drawn from their own scene streams, so they never show a training scene.
@@ -157,11 +157,13 @@ class ShapesWorldSource(IndexedSource):
         min_objects, max_objects: objects per scene.
         records_per_scene: records drawn from each scene.
         pixel_noise: amplitude of per-pixel noise (0 = flat colours), see ShapesWorld.
+        max_text_words: word budget of a text record (whole sentences, at least one).
     """
 
     def __init__(self, kind: str, seed: int = 0, image_size: int = 64, val_size: int = 200,
                  test_size: int = 200, min_objects: int = 1, max_objects: int = 4,
-                 records_per_scene: int = 1, pixel_noise: int = 0) -> None:
+                 records_per_scene: int = 1, pixel_noise: int = 0,
+                 max_text_words: int = 32) -> None:
         if kind not in SHAPES_WORLD_KINDS:
             raise ValueError(f"ShapesWorldSource: unknown kind {kind!r}; choose one of "
                              f"{', '.join(SHAPES_WORLD_KINDS)}")
@@ -173,6 +175,7 @@ class ShapesWorldSource(IndexedSource):
                              f"got {records_per_scene!r}")
         self.kind = kind
         self.seed = seed
+        self.max_text_words = max_text_words
         self.records_per_scene = records_per_scene
         self.world = ShapesWorld(seed=seed, image_size=image_size, min_objects=min_objects,
                                  max_objects=max_objects, pixel_noise=pixel_noise)
@@ -201,7 +204,7 @@ class ShapesWorldSource(IndexedSource):
             record["objects"] = [{"box": list(o.box), "label": describe(o)} for o in scene.objects]
             return record
         if self.kind == "text":
-            return {"id": record["id"], "text": " ".join(scene.sentences)}
+            return {"id": record["id"], "text": self._text(scene, split, scene_index)}
         if self.kind == "image":
             return record
         items = {"vqa": scene.questions, "visual_grounding": scene.referring,
@@ -217,6 +220,19 @@ class ShapesWorldSource(IndexedSource):
         else:
             record.update(text=text, box=list(answer))
         return record
+
+    def _text(self, scene: Scene, split: str, scene_index: int) -> str:
+        """The scene's sentences in a seeded order, as many as fit in ``max_text_words``
+        (at least one): short texts keep mixed batches from padding to a paragraph."""
+        sentences = random.Random(f"shapes-source/{self.seed}/text/{split}/{scene_index}"
+                                  ).sample(scene.sentences, len(scene.sentences))
+        chosen, words = [], 0
+        for sentence in sentences:
+            words += len(sentence.split())
+            if chosen and words > self.max_text_words:
+                break
+            chosen.append(sentence)
+        return " ".join(chosen)
 
     def answer_candidates(self) -> list[str]:
         """Every answer a question of this world can have (the closed answer set of VQA)."""
