@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ofa_lightning.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 from ofa_lightning.data import Sample, collate
@@ -77,7 +77,8 @@ class Predictor:
 
     def run(self, image: str | Path, instruction: str | None = None, task: str | None = None,
             text: str | None = None, output_dir: str | Path = ".") -> Iterator[str]:
-        """One line of output per image; grounding also writes ``<image>_box.png``."""
+        """One line of output per image; tasks that draw their prediction (grounding,
+        detection, ...) also write it to ``<output_dir>/<image>_<task>.png``."""
         context = SampleContext(self.vocab, self.image_size)
         for file in image_files(image):
             if task is None:
@@ -87,11 +88,15 @@ class Predictor:
             fields: Mapping[str, Any] = {"id": file.name, "image": str(file), **plugin.query_fields(text)}
             sample = plugin.build_query(fields, context)
             prediction = plugin.predict(self.model, collate([sample], self.vocab.pad), self.vocab)[0]
-            if isinstance(prediction, torch.Tensor) and prediction.numel() == 4:
-                drawn = self._draw_box(file, prediction, Path(output_dir))
-                yield f"{file}: box {[round(v, 1) for v in prediction.tolist()]} -> {drawn}"
-            else:
-                yield f"{file}: {prediction}"
+            shown = _readable(prediction)
+            drawn = plugin.visualize(Image.open(file), prediction)
+            if drawn is None:
+                yield f"{file}: {shown}"
+                continue
+            out = Path(output_dir) / f"{file.stem}_{plugin.name}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            drawn.save(out)
+            yield f"{file}: {shown} -> {out}"
 
     @torch.no_grad()
     def _free_form(self, file: Path, instruction: str, context: SampleContext) -> str:
@@ -103,11 +108,10 @@ class Predictor:
                               config=FREE_FORM_GENERATION)
         return self.vocab.decode(hypotheses[0][0].tokens).strip()
 
-    @staticmethod
-    def _draw_box(file: Path, box: torch.Tensor, output_dir: Path) -> Path:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        image = Image.open(file).convert("RGB")
-        ImageDraw.Draw(image).rectangle([float(v) for v in box], outline=(255, 0, 0), width=2)
-        out = output_dir / f"{file.stem}_box.png"
-        image.save(out)
-        return out
+
+def _readable(prediction: Any) -> Any:
+    """Tensors as (rounded) lists, for printing."""
+    if isinstance(prediction, torch.Tensor):
+        values = prediction.tolist()
+        return [round(v, 1) for v in values] if prediction.is_floating_point() else values
+    return prediction

@@ -154,6 +154,11 @@ class Task(ABC):
         by default the text they spell, without the leading space of OFA's targets."""
         return vocab.decode(tokens).strip()
 
+    def visualize(self, image: Image.Image, prediction: Any) -> Image.Image | None:
+        """The prediction drawn on the record's original image (a box, objects, an infilled
+        region), or None when there is nothing to draw; ``ofa-lightning predict`` saves it."""
+        return None
+
     def fill_instruction(self, *values: str) -> str:
         return self.instruction.format(*values)
 

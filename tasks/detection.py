@@ -8,6 +8,7 @@ import re
 from typing import Any, Mapping, Sequence, TypedDict
 
 import torch
+from PIL import Image
 from torchmetrics import Metric
 
 from ofa_lightning.data import Batch, Sample
@@ -15,6 +16,7 @@ from ofa_lightning.generation import generate
 from ofa_lightning.location import box_to_original, tokens_to_box
 from ofa_lightning.metrics.detection import DetectionMetrics, emission_order_scores
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
+from ofa_lightning.visualize import draw_boxes
 from ofa_lightning.vocab import UnifiedVocab
 from tasks._text import box_bins, field_error, image_box, load_image, where
 
@@ -229,6 +231,10 @@ class DetectionTask(Task):
                 score = float(rank_scores[k])
             detections.append({"box": box.tolist(), "label": label, "score": score})
         return detections
+
+    def visualize(self, image: Image.Image, prediction: Any) -> Image.Image:
+        return draw_boxes(image, [d["box"] for d in prediction],
+                          [f"{d['label']} {d['score']:.2f}" for d in prediction])
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, Metric]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torchmetrics import Metric
 
 from ofa_lightning.data import Sample
 from ofa_lightning.location import box_to_original, tokens_to_box
 from ofa_lightning.metrics import GroundingAccuracy
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
+from ofa_lightning.visualize import draw_boxes
 from ofa_lightning.vocab import UnifiedVocab
 from tasks._text import (box_bins, check_max_words, image_box, load_image, pre_caption,
                          text_field, where)
@@ -97,6 +99,9 @@ class VisualGroundingTask(Task):
         if box[2] < box[0] or box[3] < box[1]:
             return torch.zeros(4)
         return box
+
+    def visualize(self, image: Image.Image, prediction: Any) -> Image.Image:
+        return draw_boxes(image, [torch.as_tensor(prediction).tolist()])
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, Metric]:

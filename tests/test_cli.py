@@ -100,7 +100,8 @@ def test_fit_then_predict_from_the_checkpoint_alone(tmp_path):
     grounding = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image),
                         "--task", "visual_grounding", "--text", "the red circle",
                         "--output_dir", str(elsewhere), cwd=elsewhere).stdout
-    assert "box" in grounding and (elsewhere / "scene_box.png").is_file()
+    drawn = elsewhere / "scene_visual_grounding.png"
+    assert f"-> {drawn}" in grounding and drawn.is_file()
     free = run_cli("predict", "--ckpt_path", str(checkpoint), "--image", str(image),
                    "--instruction", " what does the image describe?", cwd=elsewhere)
     assert free.returncode == 0
