@@ -77,7 +77,7 @@ _TRUNK_BLOCK_KEY = re.compile(r"^encoder\.embed_images\.layer(\d+)\.(\d+)\.")
 _MAX_LISTED = 20  # keys listed per category in a mismatch report
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint could not be read, recognised or matched to a model; the message says why."""
 
 
@@ -125,15 +125,19 @@ def _allowed_globals() -> list[Any]:
 
 
 class _AllowedGlobals:
-    """``torch.serialization.safe_globals`` for our list, leaving a caller's own list intact.
+    """``torch.serialization.safe_globals`` for our list (plus ``extra``), leaving a caller's
+    own list intact.
 
     torch's context manager removes on exit whatever it added, including entries the caller had
     registered before; this one adds (and later removes) only those that were not there yet.
     """
 
+    def __init__(self, extra: Sequence[Any] = ()) -> None:
+        self.extra = list(extra)
+
     def __enter__(self) -> None:
         present = torch.serialization.get_safe_globals()
-        self._added = [g for g in _allowed_globals() if g not in present]
+        self._added = [g for g in [*_allowed_globals(), *self.extra] if g not in present]
         torch.serialization.add_safe_globals(self._added)
 
     def __exit__(self, *exc: object) -> None:
@@ -145,10 +149,10 @@ class _AllowedGlobals:
 _REFUSAL_MARKERS = ("GLOBAL", "unrecognized function", "Can only build", "Can only create")
 
 
-def _refused_globals(path: Path, error: Exception) -> str:
+def _refused_globals(path: Path, error: Exception, extra: Sequence[Any] = ()) -> str:
     """Name the globals that made the weights-only unpickler give up, as precisely as possible."""
     try:  # scans the pickle without executing it; zip-format files only
-        with _AllowedGlobals():
+        with _AllowedGlobals(extra):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         if names:
             return ", ".join(sorted(names))
@@ -160,14 +164,16 @@ def _refused_globals(path: Path, error: Exception) -> str:
     return _gist(str(error))
 
 
-def _read_torch_file(path: Path) -> Any:
-    """``torch.load`` with the weights-only unpickler and our allow-list, mapped to the CPU.
+def read_torch_file(path: Path, extra_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load`` with the weights-only unpickler and our allow-list (plus
+    ``extra_globals``, e.g. inert stand-ins for classes a foreign file names), mapped to the
+    CPU. Anything else a file pickles is refused with a CheckpointError naming it.
 
     Zip-format files are memory-mapped, so a multi-GB container's optimizer state is never read
     into memory unless used.
     """
     try:
-        with _AllowedGlobals():
+        with _AllowedGlobals(extra_globals):
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=zipfile.is_zipfile(path))
     except MemoryError:
@@ -177,7 +183,7 @@ def _read_torch_file(path: Path) -> Any:
         if any(marker in message for marker in _REFUSAL_MARKERS):
             raise CheckpointError(
                 f"{path}: refused to load: the file contains a pickled object outside the "
-                f"allow-list ({_refused_globals(path, error)}). Checkpoints are read without "
+                f"allow-list ({_refused_globals(path, error, extra_globals)}). Checkpoints are read without "
                 f"running code from them; only tensors, plain containers, argparse.Namespace "
                 f"and numpy scalars are accepted. If you trust the file, re-save only its "
                 f"weights with plain torch.save and load that file instead.") from None
@@ -230,7 +236,7 @@ def _existing_file(path: PathLike) -> Path:
 
 
 def _read_file(path: Path) -> Any:
-    return _read_safetensors(path) if _is_safetensors(path) else _read_torch_file(path)
+    return _read_safetensors(path) if _is_safetensors(path) else read_torch_file(path)
 
 
 # ============================================================================ state-dict keys

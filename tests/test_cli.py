@@ -15,6 +15,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+PRETRAIN = REPO / "configs" / "pretrain" / "shapes.yaml"
+TOKENIZER = REPO / "configs" / "tokenizer" / "shapes_vq.yaml"
 # shrink any preset to a few thousand parameters so every config runs in seconds
 TINY_MODEL = ("{encoder_layers: 1, decoder_layers: 1, embed_dim: 32, ffn_dim: 64, "
               "attention_heads: 2, resnet_type: resnet18, trunk_stride: 8}")
@@ -30,16 +32,24 @@ def run_cli(*args: str, cwd: Path, check: bool = True,
     return done
 
 
+# a seconds-long run of any config, whatever it trains
+TINY_TRAINER = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.log_every_n_steps", "1", "--trainer.precision", "32-true",
+                "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
+                "--data.init_args.max_eval_samples", "4"]
+# the ShapesWorld tokenizer config, shrunk (the codebook stays: the pretraining vocabulary
+# is sized to it)
+TINY_TOKENIZER = [*TINY_TRAINER, "--model.init_args.model_overrides",
+                  "{ch: 8, z_channels: 8, embed_dim: 8, norm_groups: 4}"]
+
+
 def tiny_fit_args(steps: int = 2, *extra: str) -> list[str]:
-    """Overrides that make any config a seconds-long run; outputs go under the working
-    directory (the configs' relative runs/ paths), so each run gets its own cwd."""
-    return ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.log_every_n_steps", "1", "--trainer.precision", "32-true",
-            "--model.model_overrides", TINY_MODEL,
-            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
-            "--data.init_args.max_eval_samples", "4", "--data.init_args.tokenizer_texts", "200",
-            *extra]
+    """Overrides that make any OFAModule config a seconds-long run; outputs go under the
+    working directory (the configs' relative runs/ paths), so each run gets its own cwd."""
+    return [*TINY_TRAINER, "--trainer.max_steps", str(steps), "--trainer.val_check_interval",
+            str(steps), "--model.model_overrides", TINY_MODEL,
+            "--data.init_args.tokenizer_texts", "200", *extra]
 
 
 def tiny_predict_args() -> list[str]:
@@ -75,13 +85,19 @@ def test_tasks_lists_plugins_with_official_instructions(tmp_path):
 def test_every_config_parses_and_runs_two_steps(config, tmp_path):
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# ofa-lightning "), f"{config} must start with its command"
+    if config == TOKENIZER:
+        run_cli("fit", "--config", str(config), *TINY_TOKENIZER, cwd=tmp_path)
+        assert logged(tmp_path, "train/loss")
+        return
+    if config == PRETRAIN:  # its image infilling reads the tokenizer that config trains
+        run_cli("fit", "--config", str(TOKENIZER), *TINY_TOKENIZER, cwd=tmp_path)
     # configs run as written (the quickstart in bf16); only GPU/DDP trainer configs are
-    # moved onto one CPU process
+    # moved onto one CPU process; the others are layered on the quickstart
     on_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
     extra = on_cpu if "trainer" in config.parts else ["--trainer.precision", "bf16-mixed"]
-    configs = ["--config", str(QUICKSTART)] if config != QUICKSTART else []
+    configs = ["--config", str(QUICKSTART)] if config not in (QUICKSTART, PRETRAIN) else []
     run_cli("fit", *configs, "--config", str(config), *tiny_fit_args(), *extra, cwd=tmp_path)
-    assert logged(tmp_path, "train/loss")
+    assert logged(tmp_path / "runs" / "pretrain" if config == PRETRAIN else tmp_path, "train/loss")
 
 
 def test_fit_then_predict_from_the_checkpoint_alone(tmp_path):

@@ -16,6 +16,7 @@ from ofa_lightning.metrics.captioning import (
 )
 from ofa_lightning.metrics.classification import LabelAccuracy, TextReconstruction
 from ofa_lightning.metrics.detection import DetectionMetrics
+from ofa_lightning.metrics.image_generation import CodeAccuracy, ImageFID, RandomConvFeatures
 from ofa_lightning.metrics.grounding import GroundingAccuracy, grounding_iou
 from ofa_lightning.metrics.vqa import VQAAccuracy, vqa_soft_scores
 
@@ -23,9 +24,12 @@ __all__ = [
     "CAPTION_METRICS",
     "DEFAULT_CAPTION_METRICS",
     "CaptionMetrics",
+    "CodeAccuracy",
     "DetectionMetrics",
     "GroundingAccuracy",
+    "ImageFID",
     "LabelAccuracy",
+    "RandomConvFeatures",
     "TextReconstruction",
     "VQAAccuracy",
     "cider_d",
