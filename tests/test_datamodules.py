@@ -197,8 +197,9 @@ def test_shapes_world_records_per_scene() -> None:
 
 
 def test_shapes_world_source_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="unknown kind 'detection'.*caption, vqa, visual_grounding"):
-        ShapesWorldSource("detection")
+    with pytest.raises(ValueError, match="unknown kind 'segmentation'.*caption, vqa, "
+                                         "visual_grounding, detection"):
+        ShapesWorldSource("segmentation")
     source = ShapesWorldSource("caption", val_size=3)
     with pytest.raises(IndexError, match=r"val record index must be an int in \[0, 3\), got 3"):
         source.record("val", 3)

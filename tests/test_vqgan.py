@@ -52,9 +52,18 @@ def reference(fixtures: Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def model(fixture_config: dict, fixture_weights: dict) -> GumbelVQ:
-    """Built as OFA does: GumbelVQ(**model.yaml params), weights loaded, eval mode."""
+def fixture_threads():
+    """The fixture was computed with 2 threads (bit-identical outputs then; 1 thread differs
+    by ~3e-5, inside the tolerances)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(fixture_config: dict, fixture_weights: dict, fixture_threads) -> GumbelVQ:
+    """Built as OFA does: GumbelVQ(**model.yaml params), weights loaded, eval mode."""
     vq = GumbelVQ(VQGANConfig.from_taming_params(fixture_config["model"]["params"]))
     vq.load_state_dict(fixture_weights, strict=True)  # float16 file -> float32 module
     return vq.eval()
