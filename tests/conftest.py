@@ -22,6 +22,17 @@ def ofa_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def official_vocab(ofa_fixtures: Path):
+    """The official OFA vocabulary (BPE files of the reference fixture)."""
+    from ofa_lightning.vocab import UnifiedVocab
+
+    bpe = ofa_fixtures / "bpe"
+    if not bpe.is_dir():
+        pytest.skip(f"OFA BPE files not found at {bpe}")
+    return UnifiedVocab.from_bpe_dir(bpe)
+
+
+@pytest.fixture(scope="session")
 def reference_inputs(ofa_fixtures: Path) -> dict:
     return torch.load(ofa_fixtures / "inputs.pt", weights_only=True)
 

@@ -32,18 +32,10 @@ from ofa_lightning.task import RecordError, SampleContext
 from ofa_lightning.vocab import UnifiedVocab
 from tasks.detection import DetectionTask
 
-BPE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ofa_reference" / "bpe"
 IMAGE_SIZE = 64
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def official_vocab() -> UnifiedVocab:
-    if not BPE_DIR.is_dir():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
-    return UnifiedVocab.from_bpe_dir(BPE_DIR)
-
-
 @pytest.fixture(scope="module")
 def vocab() -> UnifiedVocab:
     return UnifiedVocab.train(ShapesWorld(seed=11).all_text(40), vocab_size=512, num_codes=64)

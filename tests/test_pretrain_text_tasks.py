@@ -9,7 +9,6 @@ import json
 import math
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,19 +30,11 @@ from tasks.image_text_match import (SHAPES_WORLD_ANSWER_TYPES, ImageTextMatchTas
 from tasks.text_infilling import TextInfillingTask, mask_spans, word_starts
 from tasks.visual_grounding import VisualGroundingTask
 
-BPE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ofa_reference" / "bpe"
 IMAGE_SIZE = 64
 TASKS = (GroundedCaptionTask, ImageTextMatchTask, VQAImageTextMatchTask, TextInfillingTask)
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def official_vocab() -> UnifiedVocab:
-    if not BPE_DIR.is_dir():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
-    return UnifiedVocab.from_bpe_dir(BPE_DIR)
-
-
 @pytest.fixture(scope="module")
 def vocab() -> UnifiedVocab:
     """A small BPE trained on ShapesWorld text plus the instructions, as the datamodule

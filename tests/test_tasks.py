@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import pickle
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,18 +22,10 @@ from tasks.caption import CaptionTask
 from tasks.visual_grounding import VisualGroundingTask
 from tasks.vqa import VQATask
 
-BPE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ofa_reference" / "bpe"
 IMAGE_SIZE = 64
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def official_vocab() -> UnifiedVocab:
-    if not BPE_DIR.is_dir():
-        pytest.skip(f"OFA BPE files not found at {BPE_DIR}")
-    return UnifiedVocab.from_bpe_dir(BPE_DIR)
-
-
 @pytest.fixture(scope="module")
 def world() -> ShapesWorld:
     return ShapesWorld(seed=11)
