@@ -207,3 +207,31 @@ def test_explicit_attention_path_equals_fused_kernel():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attention(query, key, value, bias)
     torch.testing.assert_close(low.float(), fused, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_trunk_residual_branches_start_at_kaiming_init_as_official(name):
+    """The official ResNet leaves zero_init_residual off; timm's default zeroes the last BN of
+    every block, which a from-scratch trunk takes hundreds of steps to grow out of."""
+    from ofa_lightning.model.image_trunk import build_image_trunk
+    trunk, _ = build_image_trunk(name, 8)
+    last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2
+                  for stage in (trunk.layer1, trunk.layer2) for block in stage]
+    assert last_norms and all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in last_norms)
+
+
+def test_trunk_of_another_timm_family_keeps_its_own_init():
+    from ofa_lightning.model.image_trunk import build_image_trunk
+    trunk, channels = build_image_trunk("convnext_atto", 8)
+    assert trunk(torch.zeros(1, 3, 64, 64))[-1].shape == (1, channels, 8, 8)
+
+
+def test_init_std_sets_the_scale_of_a_from_scratch_model():
+    small = OFAModel(OFAConfig.from_name("nano", vocab_size=300))
+    wide = OFAModel(OFAConfig.from_name("nano", vocab_size=300, init_std=0.02))
+    assert small.config.init_std == pytest.approx(128 ** -0.5)
+    for model in (small, wide):
+        std = model.encoder.layers[0].self_attn.q_proj.weight.std().item()
+        assert std == pytest.approx(model.config.init_std, rel=0.05)
+    with pytest.raises(ValueError, match="init_std"):
+        OFAConfig(init_std=0.0)

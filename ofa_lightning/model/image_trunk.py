@@ -48,7 +48,14 @@ def build_image_trunk(name: str, stride: int, drop_path_rate: float = 0.0,
     (B, C, H/stride, W/stride) feature map.
     """
     index, channels = _feature_index(name, stride)
-    trunk = timm.create_model(name, pretrained=False, features_only=True, out_indices=(index,))
+    options = {"pretrained": False, "features_only": True, "out_indices": (index,)}
+    try:
+        # The official ResNet starts its residual branches at kaiming init (zero_init_residual
+        # off); timm's ResNets zero each branch's last BN by default, which leaves a trunk
+        # trained from scratch close to a strided projection of its stem for hundreds of steps.
+        trunk = timm.create_model(name, zero_init_last=False, **options)
+    except TypeError:  # a timm family without that option keeps its own init
+        trunk = timm.create_model(name, **options)
     if drop_path_rate > 0:
         _schedule_drop_path(trunk, drop_path_rate)
     if freeze_bn:

@@ -35,21 +35,18 @@ class OFAModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT-style init of every Linear and Embedding, as the official model starts.
-
-        The ResNet keeps timm's own init (kaiming fan-out convs, BN 1/0), which is the
-        official one too.
-        """
+        """BERT-style init of every Linear and Embedding (std ``config.init_std``), as the
+        official model starts. The trunk keeps its own init (see ``build_image_trunk``)."""
         trunk = set(self.encoder.embed_images.modules())
         for module in self.modules():
             if module in trunk:
                 continue
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=self.config.init_std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=self.config.init_std)
                 if module.padding_idx is not None:
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
