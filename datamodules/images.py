@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from datamodules.multitask import permute
+from datamodules.multitask import StreamLoader, permute
 from datamodules.sources import locate
 from ofa_lightning.task import RecordError, RecordSource, image_to_tensor, open_image
 
@@ -80,18 +80,6 @@ class ImageStream(IterableDataset):
         worker = get_worker_info()
         first, step = (0, 1) if worker is None else (worker.id, worker.num_workers)
         return map(self.batch, itertools.count(first, step))
-
-
-class _StreamLoader(DataLoader):
-    """Asks for the stream position when iterated, i.e. after a checkpoint was restored."""
-
-    def __init__(self, dataset: ImageStream, position: Any, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._position = position
-
-    def __iter__(self) -> Any:
-        self.dataset.start = self._position()
-        return super().__iter__()
 
 
 class EvalImages(Dataset):
@@ -156,8 +144,8 @@ class ImageDataModule(pl.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer \
             else (0, 1)
         stream = ImageStream(self.source, self.image_size, self.batch_size, self.seed, rank, world)
-        return _StreamLoader(stream, self._start_position, num_workers=self.num_workers,
-                             pin_memory=self.pin_memory)
+        return StreamLoader(stream, self._start_position, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")

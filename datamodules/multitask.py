@@ -49,7 +49,7 @@ import random
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -60,7 +60,7 @@ from ofa_lightning.data import Batch, Sample, collate
 from ofa_lightning.task import RecordError, SampleContext, Task, require_fields
 from ofa_lightning.vocab import BPE_FILES, SAVE_FILENAME, UnifiedVocab
 
-__all__ = ["MultiTaskDataModule", "TaskDataModule", "TrainStream", "EvalDataset",
+__all__ = ["MultiTaskDataModule", "TaskDataModule", "TrainStream", "StreamLoader", "EvalDataset",
            "build_vocab", "build_sample", "permute"]
 
 VOCAB_DIRNAME = "vocab"
@@ -226,11 +226,13 @@ class TrainStream(IterableDataset):
         return self.batches(worker.id, worker.num_workers)
 
 
-class _StreamLoader(DataLoader):
-    """A DataLoader that asks for the stream's start position each time it is iterated,
-    i.e. after Lightning has restored a checkpoint (workers are started after that)."""
+class StreamLoader(DataLoader):
+    """A DataLoader over a stream of whole batches (a dataset with a ``start`` sample index)
+    that asks for the start position each time it is iterated, i.e. after Lightning has
+    restored a checkpoint (workers are started after that)."""
 
-    def __init__(self, dataset: TrainStream, position: Any, **kwargs: Any) -> None:
+    def __init__(self, dataset: IterableDataset, position: Callable[[], int],
+                 **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self._position = position
 
@@ -391,8 +393,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         stream = TrainStream(self.tasks, self.context, self.batch_size, seed=self.seed,
                              rank=rank, world_size=world, skip_bad_records=self.skip_bad_records)
-        return _StreamLoader(stream, self._start_position, num_workers=self.num_workers,
-                             pin_memory=self.pin_memory)
+        return StreamLoader(stream, self._start_position, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_dataloaders("val")

@@ -20,7 +20,7 @@ from ofa_lightning.config import OFAConfig
 from ofa_lightning.data import Batch
 from ofa_lightning.losses import label_smoothed_cross_entropy
 from ofa_lightning.model import OFAModel
-from ofa_lightning.schedules import warmup_polynomial_decay
+from ofa_lightning.schedules import optimizers_with_schedule
 from ofa_lightning.task import Task
 from ofa_lightning.vocab import UnifiedVocab
 
@@ -115,13 +115,10 @@ class OFAModule(LightningModule):
         log.info("initialised weights from %s (%s)", path, loaded.source_format)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainer.model.parameters())
-        if self.scheduler_factory is not None:
-            scheduler = self.scheduler_factory(optimizer)
-        else:
-            scheduler = warmup_polynomial_decay(optimizer, int(self.trainer.estimated_stepping_batches),
-                                                self.warmup_ratio, self.end_lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_with_schedule(
+            self.trainer.model.parameters(), self.optimizer_factory, self.scheduler_factory,
+            lambda: int(self.trainer.estimated_stepping_batches), self.warmup_ratio,
+            self.end_lr_factor)
 
     # --- training ---------------------------------------------------------------------------
     def _loss(self, batch: Batch, weighted: bool = True

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable
+
+from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 
 def warmup_polynomial_decay(optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.06,
@@ -25,3 +28,20 @@ def warmup_polynomial_decay(optimizer: Optimizer, total_steps: int, warmup_ratio
         return end_factor + (1.0 - end_factor) * (1.0 - progress) ** power
 
     return LambdaLR(optimizer, factor)
+
+
+def optimizers_with_schedule(params: Iterable[nn.Parameter],
+                             optimizer_factory: Callable[[Iterable[nn.Parameter]], Optimizer],
+                             scheduler_factory: Callable[[Optimizer], LRScheduler] | None,
+                             total_steps: Callable[[], int], warmup_ratio: float,
+                             end_factor: float) -> dict[str, Any]:
+    """A LightningModule's ``configure_optimizers`` answer: the injected optimiser, and the
+    injected scheduler or else this warm-up + decay, stepped per optimizer step.
+    ``total_steps`` is asked only for the default schedule, so a run with its own scheduler
+    needs no step budget."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is not None:
+        scheduler = scheduler_factory(optimizer)
+    else:
+        scheduler = warmup_polynomial_decay(optimizer, total_steps(), warmup_ratio, end_factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

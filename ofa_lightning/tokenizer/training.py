@@ -27,7 +27,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ofa_lightning.schedules import warmup_polynomial_decay
+from ofa_lightning.schedules import optimizers_with_schedule
 from ofa_lightning.tokenizer.loading import STATE_DICT_PREFIX, TOKENIZER_CHECKPOINT_KEY
 from ofa_lightning.tokenizer.vqgan import GumbelVQ, VQGANConfig
 
@@ -135,14 +135,9 @@ class VQTokenizerModule(LightningModule):
         return steps
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainer.model.parameters())
-        if self.scheduler_factory is not None:
-            scheduler = self.scheduler_factory(optimizer)
-        else:
-            scheduler = warmup_polynomial_decay(optimizer, self._max_steps(), self.warmup_ratio,
-                                                self.end_lr_factor)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_with_schedule(
+            self.trainer.model.parameters(), self.optimizer_factory, self.scheduler_factory,
+            self._max_steps, self.warmup_ratio, self.end_lr_factor)
 
     # --- training ---------------------------------------------------------------------------
     def temperature(self) -> float:
