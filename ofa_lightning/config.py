@@ -60,6 +60,12 @@ class OFAConfig:
     token_bucket_size: int = 256  # relative text buckets: exact within +-bucket/2, log beyond
     image_bucket_size: int = 42  # the image position grid is image_bucket_size x image_bucket_size
     code_image_size: int = 128  # decoder image-code grid = code_image_size // 8 per side
+    # Also add the raw absolute position embeddings to the token and patch embeddings (the
+    # official --entangle-position-embedding in the encoder, no --disable-entangle in the
+    # decoder). Released checkpoints keep positions as attention biases only (False); without
+    # pretraining a small model then has to infer where a patch is from the trunk's padding,
+    # which made grounding and left/right questions learn slowly, so nano/mini turn it on.
+    entangle_position_embedding: bool = False
 
     # --- Vocabulary ----------------------------------------------------------------------
     vocab_size: int = 59457
@@ -229,8 +235,10 @@ PRESETS: dict[str, OFAConfig] = {
     # resnet18's 7x7 stem and costs less per step.
     "nano": OFAConfig(encoder_layers=2, decoder_layers=2, embed_dim=128, ffn_dim=512,
                       attention_heads=4, resnet_type="resnet10t", trunk_stride=8,
-                      patch_image_size=64, init_std=128 ** -0.5),
+                      patch_image_size=64, init_std=128 ** -0.5,
+                      entangle_position_embedding=True),
     "mini": OFAConfig(encoder_layers=3, decoder_layers=3, embed_dim=256, ffn_dim=1024,
                       attention_heads=4, resnet_type="resnet18", trunk_stride=8,
-                      patch_image_size=96, init_std=256 ** -0.5),
+                      patch_image_size=96, init_std=256 ** -0.5,
+                      entangle_position_embedding=True),
 }

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torchmetrics import Metric
 
 from ofa_lightning.data import Batch, Sample
-from ofa_lightning.generation import GenerationConfig, Trie, generate
+from ofa_lightning.generation import GenerationConfig, generate
 from ofa_lightning.vocab import UnifiedVocab
 
 

@@ -23,9 +23,7 @@ from PIL import Image
 
 from datamodules.multitask import (MultiTaskDataModule, TaskDataModule, TrainStream,
                                    build_sample, permute)
-from datamodules.shapes_world import NUMBER_WORDS
-from datamodules.sources import (REGION_QUESTIONS, JsonlSource, MemorySource, ShapesWorldSource,
-                                 record_texts)
+from datamodules.sources import REGION_QUESTIONS, JsonlSource, MemorySource, ShapesWorldSource
 from ofa_lightning.data import Sample
 from ofa_lightning.task import RecordError, SampleContext, Task
 from ofa_lightning.vocab import UnifiedVocab

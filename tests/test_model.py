@@ -235,3 +235,32 @@ def test_init_std_sets_the_scale_of_a_from_scratch_model():
         assert std == pytest.approx(model.config.init_std, rel=0.05)
     with pytest.raises(ValueError, match="init_std"):
         OFAConfig(init_std=0.0)
+
+
+@pytest.mark.parametrize("entangle", [False, True])
+def test_entangled_positions_reach_the_token_embeddings_only_when_asked(entangle):
+    """A blank image gives every interior patch the same trunk features and a repeated token
+    the same embedding; only entangled position embeddings tell them apart before attention."""
+    model = small_model(entangle_position_embedding=entangle)
+    with torch.no_grad():
+        patches, _ = model.encoder.embed_image(torch.zeros(1, 3, 64, 64))
+        interior = patches[0].unflatten(0, (8, 8))[2:6, 2:6].flatten(0, 1)
+        text = model.encoder.embed_text(torch.tensor([[7, 7, 7]]),
+                                        model.encoder.embed_positions(torch.arange(3)))[0]
+        decoded = model.decoder(torch.tensor([[0, 7, 7, 7]]),
+                                model.encode(torch.tensor([[0, 5, 2]]), None, None),
+                                return_states=True).states[0][0, 1:]
+    for rows in (interior, text, decoded):
+        differ = not torch.allclose(rows[0:1].expand_as(rows), rows, atol=1e-6)
+        assert differ == entangle
+
+
+@pytest.mark.parametrize("code_masks", [None, torch.tensor([True])])
+def test_entangled_decoding_step_by_step_equals_full_recompute(code_masks):
+    model = small_model(entangle_position_embedding=True)
+    tokens, prev = torch.tensor([[0, 5, 6, 2]]), torch.tensor([[0, 9, 8, 7, 300 - 5]])
+    with torch.no_grad():
+        encoder_out = model.encode(tokens, torch.randn(1, 3, 64, 64), torch.tensor([True]))
+        full = model.decode(prev, encoder_out, code_masks)
+        torch.testing.assert_close(incremental_logits(model, prev, encoder_out, code_masks), full,
+                                   **TOL)

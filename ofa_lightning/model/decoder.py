@@ -118,11 +118,16 @@ class OFADecoder(nn.Module):
                                                             config.image_bucket_size)}
 
     # --- positions ------------------------------------------------------------------------------
-    def position_embeddings(self, mode: str, positions: torch.Tensor) -> torch.Tensor:
-        """Normalised absolute position embeddings (Tn, D) of decoder steps ``positions``."""
+    def raw_position_embeddings(self, mode: str, positions: torch.Tensor) -> torch.Tensor:
+        """Absolute position embeddings (Tn, D) of decoder steps ``positions``, before their
+        LayerNorm (what ``entangle_position_embedding`` adds to the tokens)."""
         if mode == TEXT:
-            return self.pos_ln(self.embed_positions(positions))
-        return self.image_pos_ln(self.embed_image_positions(self.image_position_idx[positions]))
+            return self.embed_positions(positions)
+        return self.embed_image_positions(self.image_position_idx[positions])
+
+    def position_embeddings(self, mode: str, raw: torch.Tensor) -> torch.Tensor:
+        """Normalised absolute position embeddings: the keys/queries of the position biases."""
+        return (self.pos_ln if mode == TEXT else self.image_pos_ln)(raw)
 
     def relative_bias(self, mode: str, layer: int, start: int, end: int) -> torch.Tensor:
         """(H, end-start, end) relative bias of queries start..end-1 against keys 0..end-1."""
@@ -169,7 +174,8 @@ class OFADecoder(nn.Module):
         steps = torch.arange(start, length, device=prev_output_tokens.device)
 
         # Position-only terms, per mode: normalised embeddings of the new steps and of all keys.
-        new_pos = {m: self.position_embeddings(m, steps) for m in modes}  # (Tn, D)
+        raw_pos = {m: self.raw_position_embeddings(m, steps) for m in modes}  # (Tn, D)
+        new_pos = {m: self.position_embeddings(m, raw_pos[m]) for m in modes}
         self_pos_k = {}
         for m in modes:
             k = self._split(self.self_pos_k_linear(new_pos[m]))  # (H, Tn, dh)
@@ -198,7 +204,9 @@ class OFADecoder(nn.Module):
         tokens = prev_output_tokens[:, start:]
         embedded = self.embed_tokens(tokens)  # (B, Tn, D)
         norms = {TEXT: self.layernorm_embedding, CODE: self.code_layernorm_embedding}
-        x = _select_rows(code_rows, {m: norms[m](embedded) for m in modes})
+        entangle = self.config.entangle_position_embedding
+        x = _select_rows(code_rows, {m: norms[m](embedded + raw_pos[m] if entangle else embedded)
+                                     for m in modes})
         x = self.dropout(x)
 
         states = [x] if return_states else []

@@ -1,7 +1,8 @@
 """The OFA encoder: [image patches | text] with TUPE-style absolute and relative position biases.
 
-Positions never enter the token embeddings; they exist only as attention biases, computed
-once per forward (absolute) or once per layer (relative tables) and shared by every head row.
+Positions are attention biases, computed once per forward (absolute) or once per layer
+(relative tables) and shared by every head row; they enter the token embeddings too only with
+``entangle_position_embedding`` (off in every released checkpoint).
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ class OFAEncoder(nn.Module):
                     "image_rp_bucket": image_relative_buckets(self.config.image_bucket_size)}
 
     # --- embeddings ------------------------------------------------------------------------
-    def embed_text(self, src_tokens: torch.Tensor) -> torch.Tensor:
+    def embed_text(self, src_tokens: torch.Tensor, text_positions: torch.Tensor) -> torch.Tensor:
+        """(B, Lt) tokens and their raw (Lt, D) position embeddings -> (B, Lt, D)."""
         x = self.embed_tokens(src_tokens) + self.type_embedding.weight[TEXT_TYPE]
-        return self.dropout(self.layernorm_embedding(x))  # (B, Lt, D)
+        if self.config.entangle_position_embedding:
+            x = x + text_positions
+        return self.dropout(self.layernorm_embedding(x))
 
     def embed_image(self, patch_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings (B, N, D) and the grid position ids (N,) of the patches."""
@@ -96,10 +100,13 @@ class OFAEncoder(nn.Module):
         features = self.embed_images(patch_images)[-1]  # (B, C, h, w)
         height, width = features.shape[-2:]
         position_ids = image_grid_position_ids(height, width, self.config.image_bucket_size)
+        position_ids = position_ids.to(features.device)
         x = self.image_proj(features.flatten(2).transpose(1, 2))
         x = x + self.type_embedding.weight[IMAGE_TYPE]
+        if self.config.entangle_position_embedding:
+            x = x + self.embed_image_positions(position_ids)
         x = self.dropout(self.patch_layernorm_embedding(x))
-        return x, position_ids.to(x.device)
+        return x, position_ids
 
     # --- biases ------------------------------------------------------------------------------
     def absolute_bias(self, positions: torch.Tensor) -> torch.Tensor:
@@ -129,9 +136,9 @@ class OFAEncoder(nn.Module):
         if num_text > self.config.max_positions:
             raise ValueError(f"source has {num_text} tokens, more than max_positions="
                              f"{self.config.max_positions}; truncate the input or raise the limit")
-        x = self.embed_text(src_tokens)
-        padding_mask = src_tokens.eq(self.config.pad_id)
         text_positions = self.embed_positions(torch.arange(num_text, device=src_tokens.device))
+        x = self.embed_text(src_tokens, text_positions)
+        padding_mask = src_tokens.eq(self.config.pad_id)
         positions = self.pos_ln(text_positions).expand(batch, -1, -1)
         image_ids = None
         if patch_images is not None:
