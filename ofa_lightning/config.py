@@ -20,9 +20,7 @@ _REQUIRED_OFFICIAL_FLAGS = {
     "patch_layernorm_embedding": True,
     "code_layernorm_embedding": True,
     "add_type_embedding": True,
-    "disable_entangle": True,
     "scale_resids": False,
-    "entangle_position_embedding": False,
 }
 
 
@@ -208,9 +206,27 @@ class OFAConfig:
                 overrides[ours] = bool(values[official])
             elif values.get(official) is not None:
                 overrides[ours] = values[official]
+        overrides["entangle_position_embedding"] = _official_entangle(values, arch)
         if "attn_scale_factor" in overrides:
             overrides["attn_scale_factor"] = float(overrides["attn_scale_factor"])
         return dataclasses.replace(config, **overrides)
+
+
+def _official_entangle(values: Mapping[str, Any], arch: str) -> bool:
+    """The official code has two switches: the encoder adds positions to the embeddings with
+    ``entangle_position_embedding``, the decoder unless ``disable_entangle`` (its test reads
+    ``entangle_position_embedding is not None``, true for False too). Released checkpoints
+    set neither in the encoder and disable it in the decoder; a missing flag means that."""
+    encoder = bool(values.get("entangle_position_embedding") or False)
+    decoder = not values.get("disable_entangle", True)
+    if encoder != decoder:
+        raise ValueError(
+            f"official checkpoint (arch {arch!r}) adds position embeddings to the tokens in the "
+            f"{'encoder' if encoder else 'decoder'} only (entangle_position_embedding="
+            f"{values.get('entangle_position_embedding')!r}, disable_entangle="
+            f"{values.get('disable_entangle')!r}); ofa-lightning's entangle_position_embedding "
+            f"does both or neither")
+    return encoder
 
 
 _OFFICIAL_ARCH_PRESET = {f"ofa_{size}": size for size in ("tiny", "medium", "base", "large", "huge")}
