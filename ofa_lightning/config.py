@@ -217,7 +217,7 @@ def _official_entangle(values: Mapping[str, Any], arch: str) -> bool:
     ``entangle_position_embedding``, the decoder unless ``disable_entangle`` (its test reads
     ``entangle_position_embedding is not None``, true for False too). Released checkpoints
     set neither in the encoder and disable it in the decoder; a missing flag means that."""
-    encoder = bool(values.get("entangle_position_embedding") or False)
+    encoder = bool(values.get("entangle_position_embedding"))
     decoder = not values.get("disable_entangle", True)
     if encoder != decoder:
         raise ValueError(

@@ -269,7 +269,6 @@ def test_container_refusing_unsupported_official_flags(tmp_path, official_sd, of
         load_checkpoint(tmp_path / "resid.pt")
 
 
-
 @pytest.mark.parametrize("encoder, disable, expected", [
     (False, True, False),  # every released checkpoint
     (True, False, True),  # entangled in both stacks
@@ -284,6 +283,7 @@ def test_official_entangle_flags_map_to_one_switch(official_args, encoder, disab
     else:
         with pytest.raises(ValueError, match=f"in the {expected.split()[0]} only"):
             OFAConfig.from_official_args(args)
+
 
 def _to_hf_names(state_dict: dict) -> dict:
     renamed = {}

@@ -10,6 +10,7 @@ import torch
 
 from ofa_lightning.config import OFAConfig
 from ofa_lightning.model import DecoderCache, OFAModel
+from ofa_lightning.model.image_trunk import build_image_trunk
 from ofa_lightning.model.positions import (code_position_ids, image_relative_buckets,
                                            token_relative_buckets)
 
@@ -213,7 +214,6 @@ def test_explicit_attention_path_equals_fused_kernel():
 def test_trunk_residual_branches_start_at_kaiming_init_as_official(name):
     """The official ResNet leaves zero_init_residual off; timm's default zeroes the last BN of
     every block, which a from-scratch trunk takes hundreds of steps to grow out of."""
-    from ofa_lightning.model.image_trunk import build_image_trunk
     trunk, _ = build_image_trunk(name, 8)
     last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2
                   for stage in (trunk.layer1, trunk.layer2) for block in stage]
@@ -221,7 +221,6 @@ def test_trunk_residual_branches_start_at_kaiming_init_as_official(name):
 
 
 def test_trunk_of_another_timm_family_keeps_its_own_init():
-    from ofa_lightning.model.image_trunk import build_image_trunk
     trunk, channels = build_image_trunk("convnext_atto", 8)
     assert trunk(torch.zeros(1, 3, 64, 64))[-1].shape == (1, channels, 8, 8)
 
