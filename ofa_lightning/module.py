@@ -151,7 +151,7 @@ class OFAModule(LightningModule):
         return loss
 
     # --- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self, batch: Batch, dataloader_idx: int, stage: str,
+    def _evaluate(self, batch: Batch, batch_idx: int, dataloader_idx: int, stage: str,
                   metrics: nn.ModuleList) -> None:
         task = self.tasks[dataloader_idx]
         loss_sum, _, tokens = self._loss(batch, weighted=False)
@@ -159,25 +159,45 @@ class OFAModule(LightningModule):
                  add_dataloader_idx=False, sync_dist=True)
         predictions = task.predict(self.model, batch, self.vocab)
         task.update_metrics(metrics[dataloader_idx], predictions, batch.meta)
+        # A task's metrics are logged at its loader's last batch, not at epoch end: logged
+        # there, Lightning files them under this loader, so the results table of `validate`
+        # and `test` shows each task's metrics in its own column only.
+        if batch_idx + 1 == self._loader_batches(stage, dataloader_idx):
+            self._log_task_metrics(stage, task, metrics[dataloader_idx])
+
+    def _loader_batches(self, stage: str, dataloader_idx: int) -> float:
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            counts = trainer.num_sanity_val_batches
+        else:
+            counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        return counts[dataloader_idx]
+
+    def _log_task_metrics(self, stage: str, task: Task, task_metrics: nn.ModuleDict) -> None:
+        for name, metric in task_metrics.items():
+            if not metric.update_called:
+                continue
+            # compute() already gathered every process's state; sync_dist only averages
+            # equal values (and spares DDP runs Lightning's warning about it)
+            for key, value in _metric_values(name, metric.compute()).items():
+                self.log(f"{stage}/{task.name}/{key}", torch.as_tensor(value, dtype=torch.float32),
+                         add_dataloader_idx=False, prog_bar=stage == "val", batch_size=1,
+                         sync_dist=True)
+            metric.reset()
 
     def _log_metrics(self, stage: str, metrics: nn.ModuleList) -> None:
+        """Whatever a loader of unknown length left unlogged (reset metrics are skipped)."""
         for task, task_metrics in zip(self.tasks, metrics):
-            for name, metric in task_metrics.items():
-                if not metric.update_called:
-                    continue
-                for key, value in _metric_values(name, metric.compute()).items():
-                    self.log(f"{stage}/{task.name}/{key}", torch.as_tensor(value, dtype=torch.float32),
-                             add_dataloader_idx=False, prog_bar=stage == "val")
-                metric.reset()
+            self._log_task_metrics(stage, task, task_metrics)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, dataloader_idx, "val", self.val_metrics)
+        self._evaluate(batch, batch_idx, dataloader_idx, "val", self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, dataloader_idx, "test", self.test_metrics)
+        self._evaluate(batch, batch_idx, dataloader_idx, "test", self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)

@@ -421,6 +421,37 @@ def test_validation_has_one_dataloader_per_task() -> None:
     assert len(dm.vocab.encode(" the large red circle")) == 4
 
 
+def test_validate_reports_each_task_under_its_own_dataloader(tmp_path: Path) -> None:
+    """`validate` returns one dict per loader: that task's metrics only, computed over all
+    of its batches (here two per task), not a copy of every task's numbers."""
+    from ofa_lightning.module import OFAModule
+    from tasks.visual_grounding import VisualGroundingTask
+    from tasks.vqa import VQATask
+
+    vqa = VQATask(ShapesWorldSource("vqa", val_size=5), decode_mode="trie")
+    grounding = VisualGroundingTask(ShapesWorldSource("visual_grounding", val_size=5))
+    dm = datamodule([vqa, grounding], eval_batch_size=3, tokenizer_texts=30, num_bins=16)
+    dm.setup("validate")
+    module = OFAModule("nano", model_overrides={"encoder_layers": 1, "decoder_layers": 1,
+                                                "embed_dim": 32, "ffn_dim": 64},
+                       vocab=dm.vocab, tasks=dm.tasks)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few workers
+        vqa_results, grounding_results = trainer.validate(module, datamodule=dm, verbose=False)
+    assert set(vqa_results) == {"val/vqa/loss", "val/vqa/accuracy"}
+    assert {key.split("/")[1] for key in grounding_results} == {"visual_grounding"}
+
+    module.eval()
+    correct = 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader()[0]:
+            for prediction, meta in zip(vqa.predict(module.model, batch, dm.vocab), batch.meta):
+                correct += prediction.strip() in meta["answers"]
+    assert vqa_results["val/vqa/accuracy"] == pytest.approx(correct / 5)
+
+
 def test_vocab_choices(tmp_path: Path) -> None:
     dm = datamodule(mixture())
     assert dm.context.vocab is dm.vocab and dm.context.image_size == 32
