@@ -53,7 +53,10 @@ def _lightning_cli(argv: Sequence[str]) -> None:
 
     description = "OFA as a Lightning research template. Also: " + "; ".join(
         f"ofa-lightning {name}: {text}" for name, text in EXTRA_COMMANDS.items())
-    common = dict(subclass_mode_data=True, auto_configure_optimizers=False, args=list(argv),
+    # From the shell LightningCLI reads sys.argv itself; passing it again as `args` would
+    # only earn a warning on every run.
+    args = None if list(argv) == sys.argv[1:] else list(argv)
+    common = dict(subclass_mode_data=True, auto_configure_optimizers=False, args=args,
                   parser_kwargs={"description": description},
                   trainer_defaults={"logger": {"class_path": f"{CSVLogger.__module__}.CSVLogger"}},
                   save_config_kwargs={"overwrite": True})
