@@ -26,6 +26,7 @@ import argparse
 import copy
 import csv
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -75,8 +76,13 @@ def run_config(base: dict[str, Any], directory: Path, *, tasks: list[dict[str, A
 
 
 def fit(config: dict[str, Any], directory: Path, command: str = "fit") -> float:
-    """Run ``ofa-lightning <command>`` on ``config`` in a fresh process; its wall time."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Run ``ofa-lightning <command>`` on ``config`` in a fresh process; its wall time.
+
+    ``directory`` is emptied first: a previous benchmark's logs and checkpoints left there
+    would be read as this run's (a second logger version, a stale last.ckpt).
+    """
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
@@ -101,7 +107,7 @@ def validation_curve(directory: Path, task: str) -> list[tuple[int, dict[str, fl
 def _single(paths: Any) -> Path:
     found = sorted(paths)
     if len(found) != 1:
-        raise RuntimeError(f"expected one metrics file, found {found}")
+        raise RuntimeError(f"expected exactly one file, found {found}")
     return found[0]
 
 
@@ -123,7 +129,8 @@ def main() -> None:
     parser.add_argument("--pretrain_steps", type=int, default=2000)
     parser.add_argument("--budget", type=int, default=300)
     parser.add_argument("--validations", type=int, default=3, help="per fine-tuning run")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "transfer")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "transfer",
+                        help="its pretrain/, finetune/, scratch/, zero_shot/ are overwritten")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="image tokenizer for image_infilling (default: the config's)")
     args = parser.parse_args()
