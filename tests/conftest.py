@@ -59,3 +59,19 @@ def reference_model(ofa_fixtures: Path, reference_state_dict):
     weights = {k: v for k, v in reference_state_dict.items() if not k.endswith(DERIVED_SUFFIXES)}
     model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(vocab):
+    """A random nano model over the test module's ``vocab`` fixture. Its bos and unk embedding
+    rows are zeroed, so (with the tied output projection) their logits are exactly 0: the
+    official ``constraint_range`` keeps ids 0-3 allowed, and a random model would otherwise
+    sometimes pick them."""
+    from ofa_lightning.config import OFAConfig
+    from ofa_lightning.model import OFAModel
+
+    torch.manual_seed(0)
+    net = OFAModel(OFAConfig.from_name("nano", vocab_size=len(vocab))).eval()
+    with torch.no_grad():
+        net.decoder.output_projection.weight[[vocab.bos, vocab.unk]] = 0.0
+    return net

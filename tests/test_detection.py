@@ -19,7 +19,6 @@ from PIL import Image
 
 from datamodules.shapes_world import ShapesWorld
 from datamodules.sources import ShapesWorldSource
-from ofa_lightning import OFAConfig, OFAModel
 from ofa_lightning.data import collate
 from ofa_lightning.generation import generate
 from ofa_lightning.metrics.detection import (
@@ -50,16 +49,6 @@ def context(vocab: UnifiedVocab) -> SampleContext:
 def records() -> list[dict]:
     source = ShapesWorldSource("detection", seed=5, val_size=6)
     return [dict(r) for r in source.records("val")]
-
-
-@pytest.fixture(scope="module")
-def model(vocab: UnifiedVocab) -> OFAModel:
-    """A random nano model; bos and unk logits pinned to 0, as in test_tasks.py."""
-    torch.manual_seed(0)
-    net = OFAModel(OFAConfig.from_name("nano", vocab_size=len(vocab))).eval()
-    with torch.no_grad():
-        net.decoder.output_projection.weight[[vocab.bos, vocab.unk]] = 0.0
-    return net
 
 
 class FakeSource:

@@ -16,7 +16,6 @@ from PIL import Image
 
 from datamodules.shapes_world import NUMBER_WORDS, SHAPES, ShapesWorld
 from datamodules.sources import MemorySource, ShapesWorldSource
-from ofa_lightning import OFAConfig, OFAModel
 from ofa_lightning.data import collate
 from ofa_lightning.metrics.classification import (LabelAccuracy, TextReconstruction,
                                                   word_edit_distance)
@@ -53,16 +52,6 @@ def context(vocab: UnifiedVocab) -> SampleContext:
 def sources() -> dict[str, ShapesWorldSource]:
     return {kind: ShapesWorldSource(kind, seed=3, val_size=120)
             for kind in ("caption", "vqa", "visual_grounding", "text")}
-
-
-@pytest.fixture(scope="module")
-def model(vocab: UnifiedVocab) -> OFAModel:
-    """A random nano model; bos and unk rows zeroed as in test_tasks (never picked)."""
-    torch.manual_seed(0)
-    net = OFAModel(OFAConfig.from_name("nano", vocab_size=len(vocab))).eval()
-    with torch.no_grad():
-        net.decoder.output_projection.weight[[vocab.bos, vocab.unk]] = 0.0
-    return net
 
 
 def image(width: int = 40, height: int = 30) -> Image.Image:

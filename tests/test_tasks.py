@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from datamodules.shapes_world import Scene, ShapesWorld
-from ofa_lightning import OFAConfig, OFAModel
 from ofa_lightning.data import collate
 from ofa_lightning.generation import generate
 from ofa_lightning.task import RecordError, SampleContext
@@ -44,18 +43,6 @@ def vocab(world: ShapesWorld) -> UnifiedVocab:
 @pytest.fixture(scope="module")
 def context(vocab: UnifiedVocab) -> SampleContext:
     return SampleContext(vocab, IMAGE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def model(vocab: UnifiedVocab) -> OFAModel:
-    """A random nano model. Its bos and unk embedding rows are zeroed, so (with the tied
-    output projection) their logits are exactly 0: the official ``constraint_range`` keeps
-    ids 0-3 allowed, and a random model would otherwise sometimes pick them."""
-    torch.manual_seed(0)
-    net = OFAModel(OFAConfig.from_name("nano", vocab_size=len(vocab))).eval()
-    with torch.no_grad():
-        net.decoder.output_projection.weight[[vocab.bos, vocab.unk]] = 0.0
-    return net
 
 
 class FakeSource:
