@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, WeightAveraging
 
@@ -51,7 +50,6 @@ class EMAWeights(WeightAveraging):
         if start_step < 0:
             raise ValueError(f"EMAWeights: start_step must be >= 0, got {start_step}")
         super().__init__(multi_avg_fn=_ema_update(decay))
-        self.decay = decay
         self.start_step = start_step
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
