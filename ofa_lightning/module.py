@@ -18,6 +18,7 @@ from torch import nn
 from ofa_lightning.checkpoint import FIT_CHECKPOINT_KEY, load_checkpoint, load_state_dict_strict
 from ofa_lightning.config import OFAConfig
 from ofa_lightning.data import Batch
+from ofa_lightning.distributed import destroy_process_group_at_exit
 from ofa_lightning.losses import label_smoothed_cross_entropy
 from ofa_lightning.model import OFAModel
 from ofa_lightning.schedules import optimizers_with_schedule
@@ -113,6 +114,9 @@ class OFAModule(LightningModule):
                 f"has {self.config.vocab_size}; use the vocabulary the checkpoint was trained with")
         load_state_dict_strict(self.model, loaded.state_dict, source=path)
         log.info("initialised weights from %s (%s)", path, loaded.source_format)
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # called in every process, after its group exists
 
     def configure_optimizers(self) -> Any:
         return optimizers_with_schedule(

@@ -24,6 +24,7 @@ from PIL import Image
 from datamodules.multitask import (MultiTaskDataModule, TaskDataModule, TrainStream,
                                    build_sample, permute)
 from datamodules.sources import REGION_QUESTIONS, JsonlSource, MemorySource, ShapesWorldSource
+from ofa_lightning.distributed import destroy_process_group_at_exit
 from ofa_lightning.data import Sample
 from ofa_lightning.task import RecordError, SampleContext, Task
 from ofa_lightning.vocab import UnifiedVocab
@@ -517,13 +518,17 @@ class Recorder(pl.LightningModule):
     """Records what each training step sees (and writes it to ``out`` per rank). Like
     OFAModule it asks for estimated_stepping_batches in configure_optimizers: with
     max_epochs set, that makes Lightning build and iterate the training dataloader (and
-    prefetch a batch) before it restores the step counter of a checkpoint."""
+    prefetch a batch) before it restores the step counter of a checkpoint. Like OFAModule it
+    destroys the gloo process group at exit, without which a finished DDP run can abort."""
 
     def __init__(self, out: Path | None = None) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
         self.seen: list[list[tuple[str, str]]] = []
         self.out = out
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         self.seen.append(ids(batch))
