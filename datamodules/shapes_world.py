@@ -175,7 +175,7 @@ def captions_for(objects: Sequence[ShapeObject]) -> list[str]:
 def questions_for(objects: Sequence[ShapeObject], rng: random.Random,
                   shapes: Sequence[str] = SHAPES,
                   colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str]]:
-    """Unambiguous question-answer pairs; yes/no existence questions are balanced per scene.
+    """Unambiguous question-answer pairs; existence questions are balanced per phrasing.
 
     ``objects`` must run from left to right; ``shapes`` and ``colours`` are the world's
     vocabulary, from which absent attributes are drawn for "zero" and "no" answers.
@@ -205,17 +205,23 @@ def questions_for(objects: Sequence[ShapeObject], rng: random.Random,
         if by_pair[obj.colour, obj.shape] == 1:
             qa.append((f"what size is the {describe(obj, size=False)}?", obj.size))
 
-    # existence: as many "no" as "yes", drawn from three phrasings
-    yes, no = [], []
-    for colour in colours:
-        (yes if colour in by_colour else no).append(f"is there {_a(colour)} shape?")
-    for shape in shapes:
-        (yes if shape in by_shape else no).append(f"is there {_a(shape)}?")
-    for shape in shapes:
-        for colour in colours:
-            (yes if (colour, shape) in by_pair else no).append(f"is there {_a(colour)} {shape}?")
-    k = min(3, len(yes), len(no))
-    qa += [(q, "yes") for q in rng.sample(yes, k)] + [(q, "no") for q in rng.sample(no, k)]
+    # existence: one "yes" and one "no" per phrasing, so that no phrasing has a prior to
+    # learn instead of looking (pooled over phrasings, "is there a <shape>?" used to be
+    # 75 % "yes" and the trained model answered "yes" to all of them)
+    pairs_absent = [(c, s) for s in shapes for c in colours if (c, s) not in by_pair]
+    # a colour and a shape that are both in the scene, not together: only binding tells
+    unbound = [(c, s) for c, s in pairs_absent if c in by_colour and s in by_shape]
+    phrasings = (
+        [(f"is there {_a(c)} shape?", c in by_colour) for c in colours],
+        [(f"is there {_a(s)}?", s in by_shape) for s in shapes],
+        [(f"is there {_a(c)} {s}?", True) for c, s in by_pair]
+        + [(f"is there {_a(c)} {s}?", False) for c, s in (unbound or pairs_absent)],
+    )
+    for phrasing in phrasings:
+        yes = [q for q, present in phrasing if present]
+        no = [q for q, present in phrasing if not present]
+        if yes and no:
+            qa += [(rng.choice(yes), "yes"), (rng.choice(no), "no")]
 
     # position
     if n >= 2:

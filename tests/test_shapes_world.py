@@ -237,10 +237,43 @@ def test_every_answer_is_correct_and_every_question_unambiguous(scenes: list[Sce
     assert set(kinds) == {"how", "is", "what", "which"}
 
 
-def test_existence_answers_are_balanced(world: ShapesWorld) -> None:
-    answers = Counter(a for i in range(500) for q, a in world.scene(i).questions
-                      if q.startswith("is there"))
-    assert 0.4 <= answers["yes"] / (answers["yes"] + answers["no"]) <= 0.6, answers
+def existence_phrasing(question: str) -> str | None:
+    """"colour", "shape" or "colour shape" for an existence question, else None."""
+    m = re.fullmatch(r"is there an? (\w+)(?: (\w+))?\?", question)
+    if m is None:
+        return None
+    return "colour shape" if m[2] and m[2] != "shape" else \
+        "colour" if m[2] == "shape" else "shape"
+
+
+def test_existence_answers_are_balanced_within_each_phrasing(world: ShapesWorld) -> None:
+    answers: dict[str, Counter] = {}
+    for i in range(500):
+        for q, a in world.scene(i).questions:
+            if (phrasing := existence_phrasing(q)) is not None:
+                answers.setdefault(phrasing, Counter())[a] += 1
+    assert set(answers) == {"colour", "shape", "colour shape"}
+    for phrasing, counts in answers.items():
+        assert counts["yes"] == counts["no"] > 300, (phrasing, counts)
+
+
+def test_absent_colour_shape_pairs_are_of_present_attributes_when_possible(
+        world: ShapesWorld) -> None:
+    """"is there a red circle?" -> "no" with red and a circle in the scene, where it can
+    be: neither attribute alone then answers it."""
+    hard = possible = 0
+    for i in range(300):
+        objects = world.scene(i).objects
+        colours, shapes = {o.colour for o in objects}, {o.shape for o in objects}
+        pairs = {(o.colour, o.shape) for o in objects}
+        if not any((c, s) not in pairs for c in colours for s in shapes):
+            continue
+        possible += 1
+        for q, a in world.scene(i).questions:
+            if existence_phrasing(q) == "colour shape" and a == "no":
+                colour, shape = q.removesuffix("?").split()[-2:]
+                hard += colour in colours and shape in shapes
+    assert possible > 50 and hard == possible
 
 
 def test_left_of_answers_are_mixed(scenes: list[Scene]) -> None:
