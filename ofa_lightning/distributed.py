@@ -15,16 +15,12 @@ import atexit
 
 import torch.distributed as dist
 
-_registered = False
-
 
 def destroy_process_group_at_exit() -> None:
-    """Register (once per process) a destroy of the default process group at exit; the
-    handler does nothing when no group is initialised by then."""
-    global _registered
-    if not _registered:
-        atexit.register(_destroy_if_initialized)
-        _registered = True
+    """Register a destroy of the default process group at exit, once per process however
+    often it is called; the handler does nothing when no group is initialised by then."""
+    atexit.unregister(_destroy_if_initialized)
+    atexit.register(_destroy_if_initialized)
 
 
 def _destroy_if_initialized() -> None:

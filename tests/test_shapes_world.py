@@ -71,6 +71,9 @@ def the(phrase: str, objects: list[ShapeObject]) -> ShapeObject:
     return found[0]
 
 
+EXISTENCE = re.compile(r"is there an? (\w+)(?: (\w+))?\?")  # "is there a red circle?"
+
+
 def answer(question: str, objects: list[ShapeObject]) -> str:
     """The answer to a question, recomputed from the objects alone."""
     n = len(objects)
@@ -80,7 +83,7 @@ def answer(question: str, objects: list[ShapeObject]) -> str:
         found = select(f"the {colour} shape", objects) if colour else (
             objects if noun == "shapes" else select(f"the {plural[noun]}", objects))
         return NUMBER_WORDS[len(found)]
-    if m := re.fullmatch(r"is there an? (\w+)(?: (\w+))?\?", question):
+    if m := EXISTENCE.fullmatch(question):
         return "yes" if select("the " + " ".join(w for w in m.groups() if w), objects) else "no"
     if m := re.fullmatch(r"is (.+) left of (.+)\?", question):
         return "yes" if centre_x(the(m[1], objects)) < centre_x(the(m[2], objects)) else "no"
@@ -239,7 +242,7 @@ def test_every_answer_is_correct_and_every_question_unambiguous(scenes: list[Sce
 
 def existence_phrasing(question: str) -> str | None:
     """"colour", "shape" or "colour shape" for an existence question, else None."""
-    m = re.fullmatch(r"is there an? (\w+)(?: (\w+))?\?", question)
+    m = EXISTENCE.fullmatch(question)
     if m is None:
         return None
     return "colour shape" if m[2] and m[2] != "shape" else \
@@ -271,7 +274,7 @@ def test_absent_colour_shape_pairs_are_of_present_attributes_when_possible(
         possible += 1
         for q, a in world.scene(i).questions:
             if existence_phrasing(q) == "colour shape" and a == "no":
-                colour, shape = q.removesuffix("?").split()[-2:]
+                colour, shape = EXISTENCE.fullmatch(q).groups()
                 hard += colour in colours and shape in shapes
     assert possible > 50 and hard == possible
 
