@@ -9,7 +9,7 @@ resolved model config, the vocabulary and the run's config, so ``predict`` needs
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from lightning.pytorch import LightningModule
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+LossNormalization = Literal["tokens", "samples"]
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -60,6 +61,7 @@ class OFAModule(LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         warmup_ratio: float = 0.06,
         end_lr_factor: float = 0.0,
+        loss_normalization: LossNormalization = "tokens",
     ) -> None:
         """
         Args:
@@ -70,6 +72,12 @@ class OFAModule(LightningModule):
                 bare or HF state dict), this project's own file, or a ``.ckpt`` of an
                 earlier ``fit`` (fine-tuning the quickstart, say).
             lr_scheduler: replaces the default warm-up + linear decay over the run.
+            loss_normalization: ``"tokens"`` (official, fairseq): the batch's summed token
+                losses over its token count, so a task's pull on the shared weights grows
+                with its target length: a 2-token yes/no answer weighs a seventh of a
+                14-token detection target. ``"samples"``: each sample's mean token loss
+                (times its loss weight), averaged over the samples, so a task pulls in
+                proportion to its share of the stream whatever its target length.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["vocab", "tasks", "optimizer", "lr_scheduler"])
@@ -89,6 +97,10 @@ class OFAModule(LightningModule):
         self.scheduler_factory = lr_scheduler
         self.warmup_ratio = warmup_ratio
         self.end_lr_factor = end_lr_factor
+        if loss_normalization not in ("tokens", "samples"):
+            raise ValueError(f"loss_normalization must be 'tokens' or 'samples', got "
+                             f"{loss_normalization!r}")
+        self.loss_normalization = loss_normalization
         self.model: OFAModel | None = None
         self.run_config: str | None = None  # the CLI's resolved YAML, saved in checkpoints
         self.val_metrics = nn.ModuleList(nn.ModuleDict(t.metrics()) for t in self.tasks)
@@ -125,32 +137,37 @@ class OFAModule(LightningModule):
             self.end_lr_factor)
 
     # --- training ---------------------------------------------------------------------------
-    def _loss(self, batch: Batch, weighted: bool = True
+    def _loss(self, batch: Batch, weighted: bool = True, per_sample: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Summed label-smoothed loss and nll, and the number of scored tokens. ``weighted``
-        applies the per-sample loss weights (training); evaluation leaves them out, so
-        validation losses of tasks with different weights read on one scale."""
+        """Summed label-smoothed loss and nll, and what to divide them by: the number of
+        scored tokens, or with ``per_sample`` the number of samples (each sample's tokens
+        then weigh 1 / its token count). ``weighted`` applies the per-sample loss weights
+        (training); evaluation leaves them out, so validation losses of tasks with
+        different weights read on one scale."""
         scored = batch.target.ne(self.vocab.pad)  # (B, T); logits only where a token is scored
         out = self.model(**batch.model_inputs(), logits_mask=scored)
-        token_weights = batch.weights[:, None].expand_as(batch.target)[scored] if weighted else None
+        weights = batch.weights if weighted else torch.ones_like(batch.weights)
+        if per_sample:
+            weights = weights / scored.sum(1).clamp(min=1)
+        token_weights = weights[:, None].expand_as(batch.target)[scored]
         loss = label_smoothed_cross_entropy(out.logits[None], batch.target[scored][None],
                                             self.label_smoothing, self.vocab.pad,
-                                            weights=None if token_weights is None
-                                            else token_weights[None])
-        return loss.loss, loss.nll_loss, loss.num_tokens
+                                            weights=token_weights[None])
+        return loss.loss, loss.nll_loss, len(batch) if per_sample else loss.num_tokens
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss_sum, nll_sum, tokens = self._loss(batch)
-        # Normalise by the tokens of the whole global batch, as fairseq does: DDP averages
-        # gradients over ranks, so scaling by world_size / global tokens makes the result
-        # equal to one process seeing the whole batch.
+        loss_sum, nll_sum, count = self._loss(
+            batch, per_sample=self.loss_normalization == "samples")
+        # Normalise by the tokens (or samples) of the whole global batch, as fairseq does:
+        # DDP averages gradients over ranks, so scaling by world_size / global count makes
+        # the result equal to one process seeing the whole batch.
         world = self.trainer.world_size
-        global_tokens = self.all_gather(torch.tensor(float(tokens), device=self.device)).sum() \
-            if world > 1 else torch.tensor(float(tokens), device=self.device)
-        loss = loss_sum * world / global_tokens
+        global_count = self.all_gather(torch.tensor(float(count), device=self.device)).sum() \
+            if world > 1 else torch.tensor(float(count), device=self.device)
+        loss = loss_sum * world / global_count
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=world > 1,
                  batch_size=len(batch))
-        self.log("train/nll_loss", nll_sum.detach() * world / global_tokens, sync_dist=world > 1,
+        self.log("train/nll_loss", nll_sum.detach() * world / global_count, sync_dist=world > 1,
                  batch_size=len(batch))
         return loss
 
