@@ -163,14 +163,17 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    """Same global batch: 2 gloo processes x 4 samples == 1 process x 8 samples. BatchNorm is
-    frozen so that per-process batch statistics cannot differ."""
+@pytest.mark.parametrize("normalization", ["tokens", "samples"])
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, normalization):
+    """Same global batch: 2 gloo processes x 4 samples == 1 process x 8 samples, whether the
+    loss is divided by the global batch's tokens or its samples. BatchNorm is frozen so that
+    per-process batch statistics cannot differ."""
     frozen = "{encoder_layers: 1, decoder_layers: 1, embed_dim: 32, ffn_dim: 64, attention_heads: 2, " \
              "resnet_type: resnet18, trunk_stride: 8, freeze_bn: true}"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir(), ddp.mkdir()
-    common = ["--config", str(QUICKSTART), *tiny_fit_args(3), "--model.model_overrides", frozen]
+    common = ["--config", str(QUICKSTART), *tiny_fit_args(3), "--model.model_overrides", frozen,
+              "--model.loss_normalization", normalization]
     run_cli("fit", *common, "--data.init_args.batch_size", "8", cwd=single)
     run_cli("fit", *common, "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", cwd=ddp)
     one, two = dict(logged(single, "train/loss")), dict(logged(ddp, "train/loss"))
