@@ -9,7 +9,7 @@ resolved model config, the vocabulary and the run's config, so ``predict`` needs
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -97,7 +97,7 @@ class OFAModule(LightningModule):
         self.scheduler_factory = lr_scheduler
         self.warmup_ratio = warmup_ratio
         self.end_lr_factor = end_lr_factor
-        if loss_normalization not in ("tokens", "samples"):
+        if loss_normalization not in get_args(LossNormalization):
             raise ValueError(f"loss_normalization must be 'tokens' or 'samples', got "
                              f"{loss_normalization!r}")
         self.loss_normalization = loss_normalization
@@ -158,9 +158,9 @@ class OFAModule(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss_sum, nll_sum, count = self._loss(
             batch, per_sample=self.loss_normalization == "samples")
-        # Normalise by the tokens (or samples) of the whole global batch, as fairseq does:
-        # DDP averages gradients over ranks, so scaling by world_size / global count makes
-        # the result equal to one process seeing the whole batch.
+        # Normalise by the tokens (fairseq's way) or samples of the whole global batch: DDP
+        # averages gradients over ranks, so scaling by world_size / global count makes the
+        # result equal to one process seeing the whole batch.
         world = self.trainer.world_size
         global_count = self.all_gather(torch.tensor(float(count), device=self.device)).sum() \
             if world > 1 else torch.tensor(float(count), device=self.device)

@@ -53,7 +53,8 @@ def test_samples_normalisation_is_the_mean_of_each_samples_token_mean(mixed_samp
         loss_sum, _, count = module._loss(batch, per_sample=True)
         per_sample = []
         for sample in samples:
-            one_sum, _, tokens = module._loss(collate([sample], dm.vocab.pad))  # weighted, summed over its tokens
+            # weighted, summed over its own tokens
+            one_sum, _, tokens = module._loss(collate([sample], dm.vocab.pad))
             per_sample.append(one_sum / tokens)
     assert count == len(batch)
     torch.testing.assert_close(loss_sum / count, torch.stack(per_sample).mean(), rtol=1e-4,
