@@ -7,7 +7,8 @@ Training draws from an endless sequence of *global sample indices* ``g = 0, 1, 2
 sample ``g`` is a pure function of ``(seed, g)``:
 
 * its task is drawn with ``random.Random(f"{seed}/{g}")`` in proportion to the tasks'
-  ``weight``;
+  ``weight``, or, from the ``start`` of a :class:`MixturePhase` on, to that phase's weights
+  (a curriculum: which tasks the model sees is a function of ``g`` too);
 * its record is ``task.source.record("train", n)`` with ``n = g`` for an endless source,
   and for a finite source of ``N`` records ``n = perm_p(g mod N)``, where ``p = g // N`` is
   the pass and ``perm_p`` a pseudo-random permutation of ``range(N)`` drawn from
@@ -47,6 +48,7 @@ import contextlib
 import itertools
 import random
 import warnings
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -61,7 +63,7 @@ from ofa_lightning.task import RecordError, SampleContext, Task, require_fields
 from ofa_lightning.vocab import BPE_FILES, SAVE_FILENAME, UnifiedVocab
 
 __all__ = ["MultiTaskDataModule", "TaskDataModule", "TrainStream", "StreamLoader", "EvalDataset",
-           "build_vocab", "build_sample", "permute"]
+           "MixturePhase", "build_vocab", "build_sample", "permute"]
 
 VOCAB_DIRNAME = "vocab"
 
@@ -143,6 +145,47 @@ def _mix(value: int, key: int, round_: int) -> int:
 
 
 # ---------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------- the mixture
+@dataclass(frozen=True)
+class MixturePhase:
+    """From global sample ``start`` on (``step * batch_size * devices * accumulation``), draw
+    tasks in proportion to ``weights`` (task name -> weight, 0 leaves a task out); a task
+    not named keeps its own ``weight``.
+
+    Phases exist because a mixture's shares decide what a small model learns first: in the
+    ShapesWorld quickstart, yes/no questions are learnt when VQA dominates the stream and
+    stay at chance at a third of it (README). Counting in samples, not steps, keeps a phase
+    boundary in place when a resumed run changes the number of processes.
+    """
+
+    start: int
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def mixture_weights(tasks: Sequence[Task], phases: Sequence[MixturePhase]) -> list[list[float]]:
+    """Each phase's weight per task (the tasks' own weights first), checked: phases start
+    at sample 0 or later in increasing order, name only known tasks, and leave some task a
+    positive weight."""
+    names = [t.name for t in tasks]
+    table = [[t.weight for t in tasks]]
+    previous = -1
+    for i, phase in enumerate(phases):
+        where = f"phases[{i}] (start {phase.start})"
+        if phase.start <= previous:
+            raise ValueError(f"{where}: phases must start at sample 0 or later, each after "
+                             f"the previous one ({previous})")
+        unknown = sorted(set(phase.weights) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown tasks {unknown}; the mixture has {names}")
+        row = [float(phase.weights.get(name, task.weight)) for name, task in zip(names, tasks)]
+        if min(row) < 0 or max(row) == 0:
+            raise ValueError(f"{where}: weights must be >= 0 with one positive, got "
+                             f"{dict(zip(names, row))}")
+        table.append(row)
+        previous = phase.start
+    return table
+
+
 class TrainStream(IterableDataset):
     """The endless training stream of a task mixture for one rank, as collated Batches.
 
@@ -153,7 +196,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, tasks: Sequence[Task], context: SampleContext, batch_size: int,
                  seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
-                 skip_bad_records: bool = False) -> None:
+                 skip_bad_records: bool = False, phases: Sequence[MixturePhase] = ()) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"TrainStream: need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
@@ -168,14 +211,17 @@ class TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.skip_bad_records = skip_bad_records
-        self._cumulative = list(itertools.accumulate(t.weight for t in self.tasks))
+        self._phase_starts = [0] + [phase.start for phase in phases]
+        self._cumulative = [list(itertools.accumulate(row))
+                            for row in mixture_weights(self.tasks, phases)]
         self._sizes = [t.source.size("train") for t in self.tasks]
         self._keys: dict[int, tuple[int, int]] = {}  # task -> (pass, permutation key)
 
     def task_index(self, g: int) -> int:
         """Which task (position in ``tasks``) global sample ``g`` belongs to."""
-        u = random.Random(f"{self.seed}/{g}").random() * self._cumulative[-1]
-        return min(bisect.bisect_right(self._cumulative, u), len(self.tasks) - 1)
+        cumulative = self._cumulative[bisect.bisect_right(self._phase_starts, g) - 1]
+        u = random.Random(f"{self.seed}/{g}").random() * cumulative[-1]
+        return min(bisect.bisect_right(cumulative, u), len(self.tasks) - 1)
 
     def record_index(self, task_index: int, g: int) -> int:
         """The index into the task's train split that global sample ``g`` reads."""
@@ -346,6 +392,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         skip_bad_records: skip records that raise RecordError (with a warning) instead
             of failing.
         max_eval_samples: evaluate on at most this many records per task and split.
+        phases: a curriculum, :class:`MixturePhase` s that change the tasks' weights from
+            a global sample index on.
     """
 
     def __init__(self, tasks: list[Task], batch_size: int = 32, eval_batch_size: int | None = None,
@@ -353,10 +401,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
                  tokenizer_texts: int = 2000, num_codes: int = 8192, num_bins: int = 1000,
                  num_workers: int = 0, pin_memory: bool = False,
                  seed: int = 0, skip_bad_records: bool = False,
-                 max_eval_samples: int | None = None) -> None:
+                 max_eval_samples: int | None = None,
+                 phases: list[MixturePhase] | None = None) -> None:
         super().__init__()
         self.tasks = list(tasks)
         _check_tasks(self.tasks)
+        self.phases = list(phases or ())
+        mixture_weights(self.tasks, self.phases)  # fail at construction, not at the first step
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                  ("image_size", image_size, 1), ("num_workers", num_workers, 0),
                                  ("max_eval_samples", max_eval_samples, 0)):
@@ -392,7 +443,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         stream = TrainStream(self.tasks, self.context, self.batch_size, seed=self.seed,
-                             rank=rank, world_size=world, skip_bad_records=self.skip_bad_records)
+                             rank=rank, world_size=world, skip_bad_records=self.skip_bad_records,
+                             phases=self.phases)
         return StreamLoader(stream, self._start_position, num_workers=self.num_workers,
                             pin_memory=self.pin_memory)
 
@@ -410,18 +462,23 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """The training stream's position (global sample index at ``global_step``) and what
         the stream depends on, so a resumed run continues it and warns when it cannot."""
         step = self._global_step()
-        return {"samples": self.samples_seen(step), "global_step": step, "seed": self.seed,
-                "tasks": [t.name for t in self.tasks], "weights": [t.weight for t in self.tasks]}
+        return {"samples": self.samples_seen(step), "global_step": step, **self._mixture()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        now = {"seed": self.seed, "tasks": [t.name for t in self.tasks],
-               "weights": [t.weight for t in self.tasks]}
+        now = self._mixture()
+        state = {"phases": [], **state}  # checkpoints from before phases existed had none
         changed = [f"{k}: {state.get(k)!r} -> {v!r}" for k, v in now.items() if state.get(k) != v]
         if changed:
             warnings.warn(f"resuming with a different training mixture ({'; '.join(changed)}): "
                           f"the stream continues at sample {state['samples']} but is not the "
                           f"one the checkpoint was trained on", stacklevel=2)
         self._loaded_anchor = (int(state["samples"]), int(state["global_step"]))
+
+    def _mixture(self) -> dict[str, Any]:
+        """What the training stream is a function of, besides the sample index."""
+        return {"seed": self.seed, "tasks": [t.name for t in self.tasks],
+                "weights": [t.weight for t in self.tasks],
+                "phases": [[p.start, dict(sorted(p.weights.items()))] for p in self.phases]}
 
     # --- the stream position ------------------------------------------------------------------
     def samples_seen(self, global_step: int) -> int:

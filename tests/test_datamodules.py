@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from datamodules.multitask import (MultiTaskDataModule, TaskDataModule, TrainStream,
+from datamodules.multitask import (MixturePhase, MultiTaskDataModule, TaskDataModule, TrainStream,
                                    build_sample, permute)
 from datamodules.sources import REGION_QUESTIONS, JsonlSource, MemorySource, ShapesWorldSource
 from ofa_lightning.distributed import destroy_process_group_at_exit
@@ -327,6 +327,32 @@ def test_task_weights_are_respected(context: SampleContext) -> None:
     assert abs(counts[0] / 2000 - 0.25) < 0.05 and abs(counts[1] / 2000 - 0.75) < 0.05
 
 
+def test_phases_change_the_weights_from_their_start(context: SampleContext) -> None:
+    phases = [MixturePhase(1000, {"echo": 0.0}), MixturePhase(2000, {"shout": 1.0})]
+    stream = TrainStream(mixture((1.0, 3.0)), context, batch_size=8, seed=0, phases=phases)
+    plain = TrainStream(mixture((1.0, 3.0)), context, batch_size=8, seed=0)
+    # before the first phase the stream is the plain mixture's, sample for sample
+    assert [stream.task_index(g) for g in range(1000)] == [plain.task_index(g) for g in range(1000)]
+    assert {stream.task_index(g) for g in range(1000, 2000)} == {1}  # echo left out
+    # the second phase names only shout: echo is back at its own weight 1.0, shout at 1.0
+    assert abs(Counter(stream.task_index(g) for g in range(2000, 6000))[0] / 4000 - 0.5) < 0.05
+    from_zero = TrainStream(mixture((1.0, 3.0)), context, 8, phases=[MixturePhase(0, {"shout": 0})])
+    assert {from_zero.task_index(g) for g in range(500)} == {0}
+
+
+@pytest.mark.parametrize("phases, message", [
+    ([MixturePhase(-1, {"echo": 2.0})], r"phases\[0\] \(start -1\): phases must start at sample 0"),
+    ([MixturePhase(10, {}), MixturePhase(10, {})], r"phases\[1\] .* after the previous one \(10\)"),
+    ([MixturePhase(10, {"caption": 1.0})], r"unknown tasks \['caption'\]; the mixture has \['echo', 'shout'\]"),
+    ([MixturePhase(10, {"echo": -1.0})], r"weights must be >= 0 with one positive, got \{'echo': -1.0"),
+    ([MixturePhase(10, {"echo": 0, "shout": 0})], "weights must be >= 0 with one positive"),
+])
+def test_bad_phases_are_refused_when_the_datamodule_is_built(
+        phases: list[MixturePhase], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        datamodule(mixture(), phases=phases)
+
+
 def test_ranks_together_see_the_batch_of_one_process_with_double_batch_size(
         context: SampleContext) -> None:
     single = stream_ids(TrainStream(mixture(), context, batch_size=6, seed=1), 4)
@@ -586,6 +612,23 @@ def test_trainer_saves_the_vocab_and_a_resumed_run_continues_the_stream(
                 ckpt_path=tmp_path / "accumulated" / "ckpt" / "epoch=0-step=2.ckpt",
                 max_epochs=max_epochs)
     assert again.seen == whole.seen[4:6]
+
+
+def test_a_resumed_run_continues_a_phased_stream_and_warns_when_the_phases_change(
+        tmp_path: Path) -> None:
+    phases = [MixturePhase(9, {"echo": 0.0})]  # from step 3 on (3 samples per step)
+    whole = fit(make_dm(phases=phases), tmp_path / "whole", max_steps=6)
+    expected = stream_ids(TrainStream(mixture(), make_dm().context, batch_size=3, seed=4,
+                                      phases=phases), 6)
+    assert whole.seen == expected and expected != stream_ids(
+        TrainStream(mixture(), make_dm().context, batch_size=3, seed=4), 6)
+    assert all(task == "shout" for batch in whole.seen[3:] for task, _ in batch)
+
+    checkpoint = tmp_path / "whole" / "ckpt" / "epoch=0-step=2.ckpt"
+    resumed = fit(make_dm(phases=phases), tmp_path / "resumed", max_steps=6, ckpt_path=checkpoint)
+    assert resumed.seen == whole.seen[2:]
+    with pytest.warns(UserWarning, match=r"different training mixture \(phases: \[\[9, \{'echo': 0.0\}\]\] -> \[\]\)"):
+        fit(make_dm(), tmp_path / "changed", max_steps=3, ckpt_path=checkpoint)
 
 
 def test_resume_from_a_checkpoint_without_datamodule_state(tmp_path: Path) -> None:
