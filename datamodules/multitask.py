@@ -144,7 +144,6 @@ def _mix(value: int, key: int, round_: int) -> int:
     return z ^ (z >> 31)
 
 
-# ---------------------------------------------------------------------------- training
 # ---------------------------------------------------------------------------- the mixture
 @dataclass(frozen=True)
 class MixturePhase:
@@ -153,8 +152,9 @@ class MixturePhase:
     not named keeps its own ``weight``.
 
     Phases exist because a mixture's shares decide what a small model learns first: in the
-    ShapesWorld quickstart, yes/no questions are learnt when VQA dominates the stream and
-    stay at chance at a third of it (README). Counting in samples, not steps, keeps a phase
+    ShapesWorld quickstart, "is there a <colour> shape?" stays at chance with VQA at a third
+    of the stream, and is learnt (and kept through the mixture that follows) when VQA runs
+    alone for the first 600 steps (README). Counting in samples, not steps, keeps a phase
     boundary in place when a resumed run changes the number of processes.
     """
 
@@ -186,6 +186,7 @@ def mixture_weights(tasks: Sequence[Task], phases: Sequence[MixturePhase]) -> li
     return table
 
 
+# ---------------------------------------------------------------------------- training
 class TrainStream(IterableDataset):
     """The endless training stream of a task mixture for one rank, as collated Batches.
 

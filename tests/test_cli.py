@@ -163,6 +163,22 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_mixture_phases_come_from_the_yaml_and_travel_in_the_checkpoint(tmp_path):
+    import torch
+
+    phases = "[{start: 0, weights: {caption: 0, visual_grounding: 0}}, {start: 8, weights: {}}]"
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(2),
+            "--data.init_args.phases", phases, cwd=tmp_path)
+    state = torch.load(last_checkpoint(tmp_path), weights_only=True)["MultiTaskDataModule"]
+    assert state["phases"] == [[0, {"caption": 0.0, "visual_grounding": 0.0}], [8, {}]]
+    bad = run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(2),
+                  "--data.init_args.phases", "[{start: 0, weights: {vga: 1}}]", cwd=tmp_path,
+                  check=False)
+    assert bad.returncode != 0
+    assert "unknown tasks ['vga']; the mixture has ['caption', 'vqa', 'visual_grounding']" \
+        in bad.stderr
+
+
 @pytest.mark.parametrize("normalization", ["tokens", "samples"])
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, normalization):
     """Same global batch: 2 gloo processes x 4 samples == 1 process x 8 samples, whether the
