@@ -151,10 +151,10 @@ class MixturePhase:
     tasks in proportion to ``weights`` (task name -> weight, 0 leaves a task out); a task
     not named keeps its own ``weight``.
 
-    Phases exist because a mixture's shares decide what a small model learns first: in the
-    ShapesWorld quickstart, "is there a <colour> shape?" stays at chance with VQA at a third
-    of the stream, and is learnt (and kept through the mixture that follows) when VQA runs
-    alone for the first 600 steps (README). Counting in samples, not steps, keeps a phase
+    Phases let a run decide what a model sees when (one task alone first, a task's share
+    raised once others have been learnt) without giving up a stream that is a function of
+    the sample index: resuming and sharding work as without them. The ShapesWorld curricula
+    measured so far are in the README. Counting in samples, not steps, keeps a phase
     boundary in place when a resumed run changes the number of processes.
     """
 
