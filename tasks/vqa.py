@@ -11,14 +11,18 @@ from torchmetrics import Metric
 
 from ofa_lightning.data import Batch, Sample
 from ofa_lightning.generation import Trie, generate, score_candidates
-from ofa_lightning.metrics import VQAAccuracy
+from ofa_lightning.metrics import ANSWER_TYPES, VQAAccuracy, VQAAccuracyByType
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import (answer_scores, check_choice, check_max_words, load_image, pre_question,
-                         text_field, where)
+from tasks._text import (answer_scores, check_choice, check_max_words, field_error, load_image,
+                         pre_question, text_field, where)
 
 DECODE_MODES = ("beam", "trie", "allcand")
 PROMPT_TYPES = ("none", "prev_output")
+# answers that make a question's type "number" when the record does not say
+NUMBER_WORDS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
+                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
+                         "twenty".split())
 
 
 class VQATask(Task):
@@ -31,6 +35,9 @@ class VQATask(Task):
     - ``question``: the question, a non-empty string.
     - ``answers``: ``{answer: confidence}`` (VQAv2 soft scores, finite and >= 0), or a list
       of answers (each scores 1.0), or one answer string.
+    - ``answer_type`` (optional): ``"yes/no"``, ``"number"`` or ``"other"``, as VQAv2
+      annotates; without it the best answer decides (:func:`answer_type`). Evaluation
+      reports the accuracy per type beside the overall one.
 
     Source: ``" {question}"``, the question after OFA's ``pre_question`` (at most
     ``max_source_length`` words) with ``?`` appended when missing; there is no other prompt.
@@ -101,7 +108,7 @@ class VQATask(Task):
         query = self.build_query(record, context)
         vocab = context.vocab
         answer_ids = vocab.encode(f" {answer}")
-        meta = {**query.meta, "answers": scores}
+        meta = {**query.meta, "answers": scores, "answer_type": answer_type(self, record, answer)}
         if self.prompt_type == "none":
             return query.with_target(vocab, answer_ids, weight=scores[answer], meta=meta)
         # prev_output: decoder input = bos + question + answer; only answer + eos are scored
@@ -178,11 +185,30 @@ class VQATask(Task):
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> dict[str, Metric]:
-        return {"accuracy": VQAAccuracy()}
+        return {"accuracy": VQAAccuracy(), "accuracy_by_type": VQAAccuracyByType()}
 
     def update_metrics(self, metrics: dict[str, Metric], predictions: Sequence[Any],
                        metas: Sequence[Mapping[str, Any]]) -> None:
-        metrics["accuracy"].update(list(predictions), [m["answers"] for m in metas])
+        answers = [m["answers"] for m in metas]
+        metrics["accuracy"].update(list(predictions), answers)
+        metrics["accuracy_by_type"].update(list(predictions), answers,
+                                           [m["answer_type"] for m in metas])
+
+
+def answer_type(task: Task, record: Mapping[str, Any], best_answer: str) -> str:
+    """The record's ``answer_type``, else the best answer's: ``yes``/``no`` -> ``yes/no``,
+    digits or an English number word up to twenty -> ``number``, anything else -> ``other``
+    (VQAv2's annotators chose the type by the answers they gave, much the same rule)."""
+    given = record.get("answer_type")
+    if given is not None:
+        if given not in ANSWER_TYPES:
+            raise field_error(task, record, "answer_type", f"is {given!r}; expected one of "
+                              f"{list(ANSWER_TYPES)}")
+        return given
+    answer = best_answer.lower()
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "number" if answer.isdigit() or answer in NUMBER_WORDS else "other"
 
 
 def _candidate_list(candidates: Sequence[str] | str | Path, owner: str) -> list[str]:

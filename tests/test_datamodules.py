@@ -467,16 +467,20 @@ def test_validate_reports_each_task_under_its_own_dataloader(tmp_path: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few workers
         vqa_results, grounding_results = trainer.validate(module, datamodule=dm, verbose=False)
-    assert set(vqa_results) == {"val/vqa/loss", "val/vqa/accuracy"}
     assert {key.split("/")[1] for key in grounding_results} == {"visual_grounding"}
 
     module.eval()
-    correct = 0
+    by_type: dict[str, list[bool]] = {}
     with torch.no_grad():
         for batch in dm.val_dataloader()[0]:
             for prediction, meta in zip(vqa.predict(module.model, batch, dm.vocab), batch.meta):
-                correct += prediction.strip() in meta["answers"]
-    assert vqa_results["val/vqa/accuracy"] == pytest.approx(correct / 5)
+                kind = meta["answer_type"].replace("/", "_")
+                by_type.setdefault(kind, []).append(prediction.strip() in meta["answers"])
+    assert set(vqa_results) == {"val/vqa/loss", "val/vqa/accuracy",
+                                *(f"val/vqa/accuracy_{kind}" for kind in by_type)}
+    assert vqa_results["val/vqa/accuracy"] == pytest.approx(sum(map(sum, by_type.values())) / 5)
+    for kind, hits in by_type.items():
+        assert vqa_results[f"val/vqa/accuracy_{kind}"] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_vocab_choices(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from ofa_lightning.metrics import (
     CaptionMetrics,
     GroundingAccuracy,
     VQAAccuracy,
+    VQAAccuracyByType,
     cider_d,
     grounding_iou,
     java_available,
@@ -212,6 +213,20 @@ def test_vqa_soft_score_by_hand():
     metric.update(["2", " cat "], [{"2": 1.0, "3": 0.3}, {"cat": 0.9}])  # 1.0 + 0.9 (trimmed)
     assert metric.compute().item() == pytest.approx((0.6 + 0.0 + 1.0 + 0.9) / 4)
     assert vqa_soft_scores(["Yes"], [{"yes": 1.0}]) == [0.0]  # lookup is verbatim, no lower-casing
+
+
+def test_vqa_accuracy_by_type_by_hand():
+    metric = VQAAccuracyByType()
+    metric.update(["yes", "no", "two"], [{"yes": 1.0}, {"yes": 1.0}, {"two": 0.6}],
+                  ["yes/no", "yes/no", "number"])
+    metric.update(["yes"], [{"yes": 0.3, "no": 1.0}], ["yes/no"])
+    got = {k: v.item() for k, v in metric.compute().items()}
+    # no "other" question was seen, so there is no "other" accuracy (not a 0)
+    assert got == pytest.approx({"accuracy_yes_no": (1.0 + 0.0 + 0.3) / 3, "accuracy_number": 0.6})
+    with pytest.raises(ValueError, match=r"answer_types\[0\] is 'colour'; expected one of"):
+        metric.update(["red"], [{"red": 1.0}], ["colour"])
+    with pytest.raises(ValueError, match="got 1 predictions but 2 answer types"):
+        metric.update(["red"], [{"red": 1.0}], ["other", "other"])
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ofa_lightning.metrics import CaptionMetrics, GroundingAccuracy, VQAAccuracy, java_available
+from ofa_lightning.metrics import (CaptionMetrics, GroundingAccuracy, VQAAccuracy,
+                                   VQAAccuracyByType, java_available)
 
 WORLD_SIZE = 2
 TOKENIZER = "ptb" if java_available() else "simple"
@@ -43,6 +44,7 @@ REFERENCES = [
 ANSWERS = ["no", "yes", "2", "red", "cat", "no", "blue"]
 ANSWER_SCORES = [{"no": 0.6, "yes": 0.3}, {"no": 1.0}, {"2": 1.0, "3": 0.3}, {"red": 0.9},
                  {"dog": 1.0}, {"no": 0.3}, {"blue": 1.0, "navy": 0.6}]
+ANSWER_TYPES = ["yes/no", "yes/no", "number", "other", "other", "yes/no", "other"]
 
 
 def boxes() -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +64,13 @@ def evaluate(shards: list[slice], rank: int | None) -> dict[str, dict[str, float
     """Update every metric with this rank's shards (all data when rank is None), compute."""
     mine = shards if rank is None else shards[rank::WORLD_SIZE]
     caption, vqa, grounding = CaptionMetrics(**CAPTION_KW), VQAAccuracy(), GroundingAccuracy()
+    vqa_by_type = VQAAccuracyByType()  # the "number" question lands on rank 1 only
     lopsided = CaptionMetrics(**CAPTION_KW)  # all data on rank 0, nothing at all on rank 1
     pred_boxes, target_boxes = boxes()
     for s in mine:  # several updates per rank: list states hold several tensors
         caption.update(PREDICTIONS[s], REFERENCES[s])
         vqa.update(ANSWERS[s], ANSWER_SCORES[s])
+        vqa_by_type.update(ANSWERS[s], ANSWER_SCORES[s], ANSWER_TYPES[s])
         grounding.update(pred_boxes[s], target_boxes[s])
     if rank in (None, 0):
         lopsided.update(PREDICTIONS, REFERENCES)
@@ -76,6 +80,7 @@ def evaluate(shards: list[slice], rank: int | None) -> dict[str, dict[str, float
         "caption": scalars(caption.compute()),
         "lopsided": scalars(lopsided.compute()),
         "vqa": scalars(vqa.compute()),
+        "vqa_by_type": scalars(vqa_by_type.compute()),
         "grounding": scalars(grounding.compute()),
         "texts": sorted(zip(texts[0], map(tuple, texts[1]))),
     }
@@ -102,7 +107,7 @@ def test_two_process_gloo_equals_single_process(tmp_path: Path):
     for rank in range(WORLD_SIZE):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert got["texts"] == expected["texts"], f"rank {rank} gathered different captions"
-        for group in ("caption", "lopsided", "vqa", "grounding"):
+        for group in ("caption", "lopsided", "vqa", "vqa_by_type", "grounding"):
             assert got[group].keys() == expected[group].keys()
             for name, value in expected[group].items():
                 assert got[group][name] == pytest.approx(value, rel=1e-12, abs=1e-15), (rank, group, name)

@@ -164,6 +164,7 @@ def test_vqa_sample_has_the_official_ids_and_confidence_weight(official_vocab):
     assert sample.prev_output.tolist() == [0, 80, 3678]
     assert sample.weight == pytest.approx(0.6)
     assert sample.meta == {"id": "q1", "answers": {"one dog": 0.3, "two dogs": 0.6},
+                           "answer_type": "other",  # "two dogs" is not a bare number
                            "image_size": (40, 30), "ratios": (32 / 40, 32 / 30)}
 
     prompted = VQATask(prompt_type="prev_output").build_sample(record, ctx, train=True)
@@ -423,6 +424,26 @@ def test_vqa_trie_and_allcand_agree_on_single_answer_sets(model, vocab, context,
         assert task.predict(model, batch, vocab) == ["yes"] * len(samples)
 
 
+@pytest.mark.parametrize("answers, given, expected", [
+    ({"yes": 1.0, "no": 0.3}, None, "yes/no"), (["No"], None, "yes/no"),
+    ({"two": 0.6, "3": 1.0}, None, "number"), (["zero"], None, "number"),
+    (["red"], None, "other"), (["yes"], "other", "other"),  # the record's own type wins
+])
+def test_vqa_answer_type_from_the_record_or_its_best_answer(answers, given, expected, context,
+                                                             scenes):
+    record = {**vqa_records(scenes[0])[0], "answers": answers}
+    if given is not None:
+        record["answer_type"] = given
+    assert VQATask().build_sample(record, context, train=False).meta["answer_type"] == expected
+
+
+def test_vqa_bad_answer_type_names_the_record_and_field(context, scenes):
+    record = {**vqa_records(scenes[0])[0], "id": "q7", "answer_type": "colour"}
+    with pytest.raises(RecordError, match=r"record 'q7' field 'answer_type' is 'colour'; "
+                                          r"expected one of \['yes/no', 'number', 'other'\]"):
+        VQATask().build_sample(record, context, train=False)
+
+
 def test_vqa_candidates_come_from_init_file_or_source(tmp_path, vocab):
     path = tmp_path / "answers.txt"
     path.write_text("yes\nno\n\nyes\n two \n", encoding="utf-8")
@@ -438,7 +459,7 @@ def test_vqa_candidates_come_from_init_file_or_source(tmp_path, vocab):
 
 def test_describe_lists_fields_and_metrics():
     assert CaptionTask(tokenizer="simple").describe()["fields"] == ["image", "captions"]
-    assert VQATask().describe()["metrics"] == ["accuracy"]
+    assert VQATask().describe()["metrics"] == ["accuracy", "accuracy_by_type"]
     info = VisualGroundingTask().describe()
     assert info["class_path"] == "tasks.visual_grounding.VisualGroundingTask"
     assert info["instruction"] == VisualGroundingTask.instruction

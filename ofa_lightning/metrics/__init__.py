@@ -18,9 +18,10 @@ from ofa_lightning.metrics.classification import LabelAccuracy, TextReconstructi
 from ofa_lightning.metrics.detection import DetectionMetrics
 from ofa_lightning.metrics.image_generation import CodeAccuracy, ImageFID, RandomConvFeatures
 from ofa_lightning.metrics.grounding import GroundingAccuracy, grounding_iou
-from ofa_lightning.metrics.vqa import VQAAccuracy, vqa_soft_scores
+from ofa_lightning.metrics.vqa import ANSWER_TYPES, VQAAccuracy, VQAAccuracyByType, vqa_soft_scores
 
 __all__ = [
+    "ANSWER_TYPES",
     "CAPTION_METRICS",
     "DEFAULT_CAPTION_METRICS",
     "CaptionMetrics",
@@ -32,6 +33,7 @@ __all__ = [
     "RandomConvFeatures",
     "TextReconstruction",
     "VQAAccuracy",
+    "VQAAccuracyByType",
     "cider_d",
     "grounding_iou",
     "java_available",

@@ -7,7 +7,8 @@ happens at evaluation: the answers in the data are normalised beforehand, and th
 predicted string is looked up verbatim after trimming surrounding whitespace (the beam
 search path's ``.strip()``).
 
-A sum and a count are the only state, so DDP needs nothing but a sum over processes.
+A sum and a count (per answer type for :class:`VQAAccuracyByType`) are the only state, so
+DDP needs nothing but a sum over processes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 
 import torch
 from torchmetrics import Metric
+
+# VQAv2's answer types, the split its evaluation reports beside the overall accuracy
+ANSWER_TYPES: tuple[str, ...] = ("yes/no", "number", "other")
 
 
 def vqa_soft_scores(predictions: Sequence[str], answer_scores: Sequence[Mapping[str, float]]) -> list[float]:
@@ -41,13 +45,8 @@ def vqa_soft_scores(predictions: Sequence[str], answer_scores: Sequence[Mapping[
     return scores
 
 
-class VQAAccuracy(Metric):
-    """Mean VQA soft score of the predicted answers over all samples on all processes.
-
-    ``update(predictions, answer_scores)``: decoded answers and, per sample, its
-    ``{answer: confidence}`` dict. ``compute()`` -> scalar tensor in [0, 1] (OFA prints it
-    x100). Raises if no sample was seen anywhere: an accuracy of nothing is not 0.
-    """
+class _SoftScoreTotals(Metric):
+    """Soft-score sums and sample counts in ``bins`` bins, summed over processes."""
 
     is_differentiable = False
     higher_is_better = True
@@ -56,11 +55,23 @@ class VQAAccuracy(Metric):
     score_sum: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, bins: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # float64: a float32 sum drifts once it runs over ~10^5 answers
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("score_sum", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(bins, dtype=torch.int64), dist_reduce_fx="sum")
+
+
+class VQAAccuracy(_SoftScoreTotals):
+    """Mean VQA soft score of the predicted answers over all samples on all processes.
+
+    ``update(predictions, answer_scores)``: decoded answers and, per sample, its
+    ``{answer: confidence}`` dict. ``compute()`` -> scalar tensor in [0, 1] (OFA prints it
+    x100). Raises if no sample was seen anywhere: an accuracy of nothing is not 0.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(1, **kwargs)
 
     def update(self, predictions: Sequence[str], answer_scores: Sequence[Mapping[str, float]]) -> None:
         """Add one batch; an empty batch changes nothing."""
@@ -72,4 +83,34 @@ class VQAAccuracy(Metric):
         if self.total.item() == 0:
             raise ValueError("VQAAccuracy.compute() has no samples: call update(...) with at least "
                              "one answer first")
-        return self.score_sum / self.total
+        return (self.score_sum / self.total)[0]
+
+
+class VQAAccuracyByType(_SoftScoreTotals):
+    """VQA accuracy per answer type (VQAv2's ``yes/no``, ``number``, ``other``), as the
+    official VQAv2 evaluation reports it: a model that answers "yes" to every yes/no
+    question can hide behind a fair overall score, and this split shows it.
+
+    ``update(predictions, answer_scores, answer_types)``; ``compute()`` ->
+    ``{"accuracy_yes_no": ..., "accuracy_number": ..., "accuracy_other": ...}`` with only the
+    types that had samples (an accuracy of nothing is not 0).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(len(ANSWER_TYPES), **kwargs)
+
+    def update(self, predictions: Sequence[str], answer_scores: Sequence[Mapping[str, float]],
+               answer_types: Sequence[str]) -> None:
+        scores = vqa_soft_scores(predictions, answer_scores)
+        if len(answer_types) != len(scores):
+            raise ValueError(f"got {len(scores)} predictions but {len(answer_types)} answer types")
+        for i, (score, kind) in enumerate(zip(scores, answer_types)):
+            if kind not in ANSWER_TYPES:
+                raise ValueError(f"answer_types[{i}] is {kind!r}; expected one of {ANSWER_TYPES}")
+            index = ANSWER_TYPES.index(kind)
+            self.score_sum[index] += score
+            self.total[index] += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"accuracy_{kind.replace('/', '_')}": self.score_sum[i] / self.total[i]
+                for i, kind in enumerate(ANSWER_TYPES) if self.total[i] > 0}
