@@ -20,7 +20,7 @@ from tasks._text import (answer_scores, check_choice, check_max_words, field_err
 DECODE_MODES = ("beam", "trie", "allcand")
 PROMPT_TYPES = ("none", "prev_output")
 # answers that make a question's type "number" when the record does not say
-NUMBER_WORDS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
+NUMBER_ANSWERS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
                          "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
                          "twenty".split())
 
@@ -198,7 +198,7 @@ class VQATask(Task):
 def answer_type(task: Task, record: Mapping[str, Any], best_answer: str) -> str:
     """The record's ``answer_type``, else the best answer's: ``yes``/``no`` -> ``yes/no``,
     digits or an English number word up to twenty -> ``number``, anything else -> ``other``
-    (VQAv2's annotators chose the type by the answers they gave, much the same rule)."""
+    (VQAv2 derives a question's type from its annotators' answers in much the same way)."""
     given = record.get("answer_type")
     if given is not None:
         if given not in ANSWER_TYPES:
@@ -208,7 +208,7 @@ def answer_type(task: Task, record: Mapping[str, Any], best_answer: str) -> str:
     answer = best_answer.lower()
     if answer in ("yes", "no"):
         return "yes/no"
-    return "number" if answer.isdigit() or answer in NUMBER_WORDS else "other"
+    return "number" if answer.isdigit() or answer in NUMBER_ANSWERS else "other"
 
 
 def _candidate_list(candidates: Sequence[str] | str | Path, owner: str) -> list[str]:
