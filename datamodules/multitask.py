@@ -479,7 +479,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """What the training stream is a function of, besides the sample index."""
         return {"seed": self.seed, "tasks": [t.name for t in self.tasks],
                 "weights": [t.weight for t in self.tasks],
-                "phases": [[p.start, dict(sorted(p.weights.items()))] for p in self.phases]}
+                "phases": [[p.start, dict(p.weights)] for p in self.phases]}
 
     # --- the stream position ------------------------------------------------------------------
     def samples_seen(self, global_step: int) -> int:

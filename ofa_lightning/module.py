@@ -98,8 +98,8 @@ class OFAModule(LightningModule):
         self.warmup_ratio = warmup_ratio
         self.end_lr_factor = end_lr_factor
         if loss_normalization not in get_args(LossNormalization):
-            raise ValueError(f"loss_normalization must be 'tokens' or 'samples', got "
-                             f"{loss_normalization!r}")
+            choices = " or ".join(map(repr, get_args(LossNormalization)))
+            raise ValueError(f"loss_normalization must be {choices}, got {loss_normalization!r}")
         self.loss_normalization = loss_normalization
         self.model: OFAModel | None = None
         self.run_config: str | None = None  # the CLI's resolved YAML, saved in checkpoints

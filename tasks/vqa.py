@@ -21,8 +21,8 @@ DECODE_MODES = ("beam", "trie", "allcand")
 PROMPT_TYPES = ("none", "prev_output")
 # answers that make a question's type "number" when the record does not say
 NUMBER_ANSWERS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
-                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
-                         "twenty".split())
+                           "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
+                           "twenty".split())
 
 
 class VQATask(Task):
@@ -189,10 +189,9 @@ class VQATask(Task):
 
     def update_metrics(self, metrics: dict[str, Metric], predictions: Sequence[Any],
                        metas: Sequence[Mapping[str, Any]]) -> None:
-        answers = [m["answers"] for m in metas]
-        metrics["accuracy"].update(list(predictions), answers)
-        metrics["accuracy_by_type"].update(list(predictions), answers,
-                                           [m["answer_type"] for m in metas])
+        predictions, answers = list(predictions), [m["answers"] for m in metas]
+        metrics["accuracy"].update(predictions, answers)
+        metrics["accuracy_by_type"].update(predictions, answers, [m["answer_type"] for m in metas])
 
 
 def answer_type(task: Task, record: Mapping[str, Any], best_answer: str) -> str:
