@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, get_args
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ofa_lightning.checkpoint import FIT_CHECKPOINT_KEY, load_checkpoint, load_state_dict_strict
@@ -124,6 +125,7 @@ class OFAModule(LightningModule):
             raise ValueError(
                 f"init_from={path} has a {loaded.config.vocab_size}-entry vocabulary, this run's "
                 f"has {self.config.vocab_size}; use the vocabulary the checkpoint was trained with")
+        _warn_config_changed(loaded.config, self.config, f"init_from={path}")
         load_state_dict_strict(self.model, loaded.state_dict, source=path)
         log.info("initialised weights from %s (%s)", path, loaded.source_format)
 
@@ -232,7 +234,22 @@ class OFAModule(LightningModule):
                 for prediction, meta in zip(predictions, batch.meta)]
 
     # --- checkpoints ----------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(FIT_CHECKPOINT_KEY, {}).get("model_config")
+        if saved is not None:
+            _warn_config_changed(OFAConfig.from_dict(saved), self.config, "the resumed checkpoint")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[FIT_CHECKPOINT_KEY] = {"model_config": self.config.to_dict(),
                                       "vocab": self.vocab.to_state(),
                                       "run_config": self.run_config}
+
+
+def _warn_config_changed(saved: OFAConfig, current: OFAConfig, source: str) -> None:
+    """Weights keep loading (a deliberate architecture change is the user's call), but a
+    silent one, such as a preset whose values changed since the weights were trained, is
+    named."""
+    changed = saved.function_differences(current)
+    if changed:
+        rank_zero_warn(f"{source} was trained with another model config than this run's "
+                       f"({'; '.join(changed)}); its weights are loaded into this run's model")

@@ -236,11 +236,16 @@ def test_init_std_sets_the_scale_of_a_from_scratch_model():
         OFAConfig(init_std=0.0)
 
 
-@pytest.mark.parametrize("entangle", [False, True])
-def test_entangled_positions_reach_the_token_embeddings_only_when_asked(entangle):
+@pytest.mark.parametrize("entangle, source_text, expected", [
+    (False, True, {"patches": False, "source text": False, "decoder text": False}),
+    (True, True, {"patches": True, "source text": True, "decoder text": True}),
+    (True, False, {"patches": True, "source text": False, "decoder text": True}),  # nano, mini
+])
+def test_entangled_positions_reach_the_token_embeddings_only_when_asked(entangle, source_text,
+                                                                        expected):
     """A blank image gives every interior patch the same trunk features and a repeated token
     the same embedding; only entangled position embeddings tell them apart before attention."""
-    model = small_model(entangle_position_embedding=entangle)
+    model = small_model(entangle_position_embedding=entangle, entangle_source_text=source_text)
     with torch.no_grad():
         patches, _ = model.encoder.embed_image(torch.zeros(1, 3, 64, 64))
         interior = patches[0].unflatten(0, (8, 8))[2:6, 2:6].flatten(0, 1)
@@ -249,9 +254,10 @@ def test_entangled_positions_reach_the_token_embeddings_only_when_asked(entangle
         decoded = model.decoder(torch.tensor([[0, 7, 7, 7]]),
                                 model.encode(torch.tensor([[0, 5, 2]]), None, None),
                                 return_states=True).states[0][0, 1:]
-    for rows in (interior, text, decoded):
-        differ = not torch.allclose(rows[0:1].expand_as(rows), rows, atol=1e-6)
-        assert differ == entangle
+    rows = {"patches": interior, "source text": text, "decoder text": decoded}
+    differ = {name: not torch.allclose(r[0:1].expand_as(r), r, atol=1e-6)
+              for name, r in rows.items()}
+    assert differ == expected
 
 
 @pytest.mark.parametrize("code_masks", [None, torch.tensor([True])])

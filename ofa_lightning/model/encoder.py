@@ -2,7 +2,8 @@
 
 Positions are attention biases, computed once per forward (absolute) or once per layer
 (relative tables) and shared by every head row; they enter the token embeddings too only with
-``entangle_position_embedding`` (off in every released checkpoint).
+``entangle_position_embedding`` (off in every released checkpoint), the text's only with
+``entangle_source_text`` as well.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class OFAEncoder(nn.Module):
     def embed_text(self, src_tokens: torch.Tensor, text_positions: torch.Tensor) -> torch.Tensor:
         """(B, Lt) tokens and their raw (Lt, D) position embeddings -> (B, Lt, D)."""
         x = self.embed_tokens(src_tokens) + self.type_embedding.weight[TEXT_TYPE]
-        if self.config.entangle_position_embedding:
+        if self.config.entangle_position_embedding and self.config.entangle_source_text:
             x = x + text_positions
         return self.dropout(self.layernorm_embedding(x))
 
