@@ -9,6 +9,7 @@ resolved model config, the vocabulary and the run's config, so ``predict`` needs
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable, Literal, Mapping, get_args
 
 import torch
@@ -63,6 +64,7 @@ class OFAModule(LightningModule):
         warmup_ratio: float = 0.06,
         end_lr_factor: float = 0.0,
         loss_normalization: LossNormalization = "tokens",
+        task_loss_weights: dict[str, float] | None = None,
     ) -> None:
         """
         Args:
@@ -79,6 +81,11 @@ class OFAModule(LightningModule):
                 14-token detection target. ``"samples"``: each sample's mean token loss
                 (times its loss weight), averaged over the samples, so a task pulls in
                 proportion to its share of the stream whatever its target length.
+            task_loss_weights: ``{task name: factor}``; the factor multiplies the loss weight
+                of that task's training samples (on top of the task's own, the VQA answer
+                confidence say). Unlike the task's sampling ``weight`` it leaves the stream
+                alone: the other tasks keep their samples, and only the pull on the shared
+                weights changes. Validation losses stay unweighted.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["vocab", "tasks", "optimizer", "lr_scheduler"])
@@ -102,6 +109,7 @@ class OFAModule(LightningModule):
             choices = " or ".join(map(repr, get_args(LossNormalization)))
             raise ValueError(f"loss_normalization must be {choices}, got {loss_normalization!r}")
         self.loss_normalization = loss_normalization
+        self.task_loss_weights = _checked_task_loss_weights(task_loss_weights or {}, self.tasks)
         self.model: OFAModel | None = None
         self.run_config: str | None = None  # the CLI's resolved YAML, saved in checkpoints
         self.val_metrics = nn.ModuleList(nn.ModuleDict(t.metrics()) for t in self.tasks)
@@ -148,7 +156,7 @@ class OFAModule(LightningModule):
         different weights read on one scale."""
         scored = batch.target.ne(self.vocab.pad)  # (B, T); logits only where a token is scored
         out = self.model(**batch.model_inputs(), logits_mask=scored)
-        weights = batch.weights if weighted else torch.ones_like(batch.weights)
+        weights = self._training_weights(batch) if weighted else torch.ones_like(batch.weights)
         if per_sample:
             weights = weights / scored.sum(1).clamp(min=1)
         token_weights = weights[:, None].expand_as(batch.target)[scored]
@@ -156,6 +164,13 @@ class OFAModule(LightningModule):
                                             self.label_smoothing, self.vocab.pad,
                                             weights=token_weights[None])
         return loss.loss, loss.nll_loss, len(batch) if per_sample else loss.num_tokens
+
+    def _training_weights(self, batch: Batch) -> torch.Tensor:
+        if not self.task_loss_weights:
+            return batch.weights
+        factors = [self.task_loss_weights.get(task, 1.0) for task in batch.tasks]
+        return batch.weights * torch.tensor(factors, dtype=batch.weights.dtype,
+                                            device=batch.weights.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss_sum, nll_sum, count = self._loss(
@@ -243,6 +258,20 @@ class OFAModule(LightningModule):
         checkpoint[FIT_CHECKPOINT_KEY] = {"model_config": self.config.to_dict(),
                                       "vocab": self.vocab.to_state(),
                                       "run_config": self.run_config}
+
+
+def _checked_task_loss_weights(factors: Mapping[str, float], tasks: list[Task]
+                               ) -> dict[str, float]:
+    names = [task.name for task in tasks]
+    for name, factor in factors.items():
+        if name not in names:
+            raise ValueError(f"task_loss_weights names {name!r}, which is not a task of this "
+                             f"run; its tasks: {', '.join(names) or '(none)'}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                or not math.isfinite(factor) or factor < 0:
+            raise ValueError(f"task_loss_weights[{name!r}] must be a finite number >= 0, "
+                             f"got {factor!r}")
+    return {name: float(factor) for name, factor in factors.items()}
 
 
 def _warn_config_changed(saved: OFAConfig, current: OFAConfig, source: str) -> None:

@@ -179,6 +179,22 @@ def test_mixture_phases_come_from_the_yaml_and_travel_in_the_checkpoint(tmp_path
         in bad.stderr
 
 
+def test_task_loss_weights_come_from_the_command_line_and_name_the_tasks(tmp_path):
+    """The module's tasks are linked from the datamodule before it is built, so a misspelt
+    task name fails at once with the run's task names."""
+    import torch
+
+    run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(2),
+            "--model.task_loss_weights", "{vqa: 4.0}", cwd=tmp_path)
+    saved = torch.load(last_checkpoint(tmp_path), weights_only=False)["hyper_parameters"]
+    assert saved["task_loss_weights"] == {"vqa": 4.0}
+    bad = run_cli("fit", "--config", str(QUICKSTART), *tiny_fit_args(2),
+                  "--model.task_loss_weights", "{qva: 4.0}", cwd=tmp_path, check=False)
+    assert bad.returncode != 0
+    assert "names 'qva', which is not a task of this run; its tasks: caption, vqa, " \
+           "visual_grounding" in bad.stderr
+
+
 @pytest.mark.parametrize("normalization", ["tokens", "samples"])
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, normalization):
     """Same global batch: 2 gloo processes x 4 samples == 1 process x 8 samples, whether the

@@ -97,3 +97,37 @@ def test_unknown_loss_normalisation_is_refused(mixed_samples) -> None:
     with pytest.raises(ValueError, match="loss_normalization must be 'tokens' or 'samples', "
                                          "got 'sentences'"):
         OFAModule("nano", model_overrides=TINY, vocab=dm.vocab, loss_normalization="sentences")
+
+
+def test_task_loss_weights_scale_that_tasks_samples_only(mixed_samples) -> None:
+    """{"vqa": 3.0} is the same loss as tripling each VQA sample's own weight (0.5 stays a
+    factor too); caption samples and the token count are untouched, and the unweighted
+    (validation) loss does not move."""
+    dm, samples = mixed_samples
+    assert {s.task for s in samples} == {"caption", "vqa"}
+    tripled = [dataclasses.replace(s, weight=s.weight * 3) if s.task == "vqa" else s
+               for s in samples]
+    batch, by_hand = collate(samples, dm.vocab.pad), collate(tripled, dm.vocab.pad)
+    plain, scaled = tiny_module(dm), tiny_module(dm, task_loss_weights={"vqa": 3.0})
+    with torch.no_grad():
+        expected_sum, _, expected_count = plain._loss(by_hand)
+        got_sum, _, got_count = scaled._loss(batch)
+        unscaled_sum, _, _ = plain._loss(batch)
+        assert not torch.allclose(got_sum, unscaled_sum)
+        torch.testing.assert_close(scaled._loss(batch, weighted=False)[0],
+                                   plain._loss(batch, weighted=False)[0])
+    assert got_count == expected_count
+    torch.testing.assert_close(got_sum, expected_sum)
+
+
+@pytest.mark.parametrize("factors, message", [
+    ({"captioning": 2.0}, "names 'captioning', which is not a task of this run; its tasks: "
+                          "caption, vqa"),
+    ({"vqa": -1.0}, r"task_loss_weights\['vqa'\] must be a finite number >= 0, got -1.0"),
+    ({"vqa": float("nan")}, r"task_loss_weights\['vqa'\] must be a finite number >= 0"),
+])
+def test_bad_task_loss_weights_are_refused(mixed_samples, factors, message) -> None:
+    dm, _ = mixed_samples
+    with pytest.raises(ValueError, match=message):
+        OFAModule("nano", model_overrides=TINY, vocab=dm.vocab, tasks=dm.tasks,
+                  task_loss_weights=factors)
