@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import random
 from collections import Counter
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from datamodules.shapes_world import ShapesWorld
-from ofa_lightning.data import collate
+from ofa_lightning.data import Batch, collate
 from ofa_lightning.predictor import Predictor
 from ofa_lightning.task import SampleContext
 
@@ -47,7 +48,7 @@ class Probe:
         self.context = SampleContext(self.predictor.vocab, self.predictor.image_size)
         self.batch_size = batch_size
 
-    def batches(self, records: list[dict]):
+    def batches(self, records: list[dict]) -> Iterator[Batch]:
         vocab = self.predictor.vocab
         for start in range(0, len(records), self.batch_size):
             chunk = records[start:start + self.batch_size]
