@@ -387,6 +387,21 @@ def test_prefix_is_forced_and_the_trie_applies_after_it():
                                                    prefix=padded, batch_prefix_width=3))
 
 
+def test_prefix_is_forced_and_the_constraint_range_applies_after_it():
+    """A text prompt before bins (grounding in the prev_output layout): the prefix lies
+    outside the range, no token after it does (ids 0-3 stay allowed, as officially)."""
+    model, src = FakeModel(eos_bias=-5.0), sources(batch=3)
+    prefix = [[5, 6, 7], [8], [9, 10]]
+    hyps = fake_generate(model, src, beam=3, max_len_b=7, constraint_range=(30, 48),
+                         prefix_tokens=prefix)
+    for p, sample in zip(prefix, hyps):
+        assert sample
+        for hyp in sample:
+            tokens = hyp.tokens.tolist()
+            assert tokens[: len(p)] == p and tokens[-1] == EOS
+            assert len(tokens) > len(p) + 1 and not any(4 <= t < 30 for t in tokens[len(p):])
+
+
 # --- sampling ---------------------------------------------------------------------------------
 def test_sampling_is_reproducible_with_a_generator():
     model, src = FakeModel(), sources(batch=2)

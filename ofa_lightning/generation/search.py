@@ -134,7 +134,12 @@ class _Search:
             x, owned = x.masked_fill(~allowed, NEG_INF), True
         if cfg.constraint_range is not None:
             x = x if owned else x.clone()
+            # a forced prefix is exempt, as from the trie: a grounding prompt is text, the
+            # range holds bins (the official loop would kill such a beam)
+            forced = x[in_prefix] if in_prefix is not None else None
             apply_constraint_range(x, *cfg.constraint_range)
+            if forced is not None:
+                x[in_prefix] = forced
         lprobs = torch.log_softmax(x, dim=-1)
         # NaN comes in whole rows (every logit masked, or a NaN logit), so one column tells.
         # The official loop clears NaN after the prefix/min_len rule; for a row that is NaN
