@@ -126,20 +126,8 @@ class _Search:
         in_prefix = None  # (n,) True while a row's forced prefix is still being emitted
         if self.prefix_len is not None:
             in_prefix = (step < self.prefix_len).repeat_interleave(per_sent)
-        if self.trie is not None:
-            nodes = self.nodes[:: self.k] if per_sent == 1 else self.nodes
-            allowed = self.trie.allowed_mask(nodes, x.size(1))  # (n, V)
-            if in_prefix is not None:
-                allowed |= in_prefix.unsqueeze(1)
-            x, owned = x.masked_fill(~allowed, NEG_INF), True
-        if cfg.constraint_range is not None:
-            x = x if owned else x.clone()
-            # a forced prefix is exempt, as from the trie: a grounding prompt is text, the
-            # range holds bins (the official loop would kill such a beam)
-            forced = x[in_prefix] if in_prefix is not None else None
-            apply_constraint_range(x, *cfg.constraint_range)
-            if forced is not None:
-                x[in_prefix] = forced
+        if self.trie is not None or cfg.constraint_range is not None:
+            x = self._constrain(x, owned, per_sent, in_prefix)
         lprobs = torch.log_softmax(x, dim=-1)
         # NaN comes in whole rows (every logit masked, or a NaN logit), so one column tells.
         # The official loop clears NaN after the prefix/min_len rule; for a row that is NaN
@@ -162,6 +150,23 @@ class _Search:
             lprobs[:, sp.eos + 1:] = NEG_INF
         block_repeated_ngrams(lprobs, seq, cfg.no_repeat_ngram_size, pad=sp.pad)
         return lprobs
+
+    def _constrain(self, x: torch.Tensor, owned: bool, per_sent: int,
+                   in_prefix: torch.Tensor | None) -> torch.Tensor:
+        """The trie and the constraint range on the logits (n, V) of rows past their forced
+        prefix. A prefix is exempt from both: a grounding prompt is text while the range
+        holds bins (the official loop would kill such a beam)."""
+        exempt = x[in_prefix] if in_prefix is not None else None
+        if self.trie is not None:
+            nodes = self.nodes[:: self.k] if per_sent == 1 else self.nodes
+            x = x.masked_fill(~self.trie.allowed_mask(nodes, x.size(1)), NEG_INF)
+        elif not owned:
+            x = x.clone()
+        if self.cfg.constraint_range is not None:
+            apply_constraint_range(x, *self.cfg.constraint_range)
+        if exempt is not None:
+            x[in_prefix] = exempt
+        return x
 
     def _force_prefix(self, lprobs: torch.Tensor, forced: torch.Tensor) -> None:
         """Rows whose prefix token (n,) is not pad keep only that token's log-prob."""
