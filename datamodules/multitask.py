@@ -176,7 +176,8 @@ def mixture_weights(tasks: Sequence[Task], phases: Sequence[MixturePhase]) -> li
                              f"the previous one ({previous})")
         unknown = sorted(set(phase.weights) - set(names))
         if unknown:
-            raise ValueError(f"{where}: unknown tasks {unknown}; the mixture has {names}")
+            raise ValueError(f"{where}: unknown tasks {unknown}; the mixture has {names} (a "
+                             f"curriculum from another config? `phases: null` drops it)")
         row = [float(phase.weights.get(name, task.weight)) for name, task in zip(names, tasks)]
         if min(row) < 0 or max(row) == 0:
             raise ValueError(f"{where}: weights must be >= 0 with one positive, got "
