@@ -43,6 +43,16 @@ class Sample:
         prev_output = torch.tensor([vocab.bos, *target_ids], dtype=torch.long)
         return dataclasses.replace(self, target=target, prev_output=prev_output, **changes)
 
+    def with_source_prompt(self, vocab: UnifiedVocab) -> "Sample":
+        """This sample in OFA's ``prompt_type=prev_output`` layout: the decoder reads the
+        instruction (the source without bos and eos) before the target, and only the target
+        and eos are scored. The first answer position then attends to the image with a
+        query that depends on the instruction, where the plain layout gives it bos alone."""
+        prompt = self.source[1:-1]
+        prev_output = torch.cat([self.prev_output[:1], prompt, self.prev_output[1:]])
+        target = torch.cat([torch.full_like(prompt, vocab.pad), self.target])
+        return dataclasses.replace(self, prev_output=prev_output, target=target)
+
 
 @dataclass
 class Batch:
@@ -62,6 +72,11 @@ class Batch:
         return {"src_tokens": self.src_tokens, "patch_images": self.patch_images,
                 "patch_masks": self.patch_masks, "prev_output_tokens": self.prev_output_tokens,
                 "code_masks": self.code_masks}
+
+    def source_prompts(self, pad_id: int) -> list[torch.Tensor]:
+        """Per sample, the instruction a ``prev_output`` decoder is forced to read first:
+        the source without padding, bos and eos (:meth:`Sample.with_source_prompt`)."""
+        return [row[row.ne(pad_id)][1:-1] for row in self.src_tokens.cpu()]
 
     def __len__(self) -> int:
         return self.src_tokens.shape[0]

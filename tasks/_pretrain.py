@@ -129,25 +129,33 @@ def yes_no_trie(vocab: UnifiedVocab) -> Trie:
 
 
 @torch.no_grad()
-def predict_yes_no(model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab) -> list[str]:
+def predict_yes_no(model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab,
+                   prompts: Sequence[torch.Tensor] | None = None) -> list[str]:
     """The likelier of " yes" and " no" per sample, each scored as the sum of its tokens'
-    and eos' log-probabilities under the trie mask: the all-candidate evaluation the
-    official code runs for its yes/no/maybe task (SNLI-VE). For single-token answers it
-    equals greedy decoding under the trie; for split ones it is exact where greedy is not."""
+    and eos' log-probabilities under the trie mask (after the decoder ``prompts``, if any):
+    the all-candidate evaluation the official code runs for its yes/no/maybe task (SNLI-VE).
+    For single-token answers it equals greedy decoding under the trie; for split ones it is
+    exact where greedy is not."""
     scores = score_candidates(model, batch.src_tokens, yes_no_tokens(vocab), batch.patch_images,
-                              batch.patch_masks, trie=yes_no_trie(vocab))  # (B, 2)
+                              batch.patch_masks, trie=yes_no_trie(vocab),
+                              prefix_tokens=prompts)  # (B, 2)
     return [MATCH_LABELS[i] for i in scores.argmax(1).tolist()]
 
 
 class YesNoMatching:
     """Decoding and scoring of the two image-text-matching tasks, whose answer is " yes" or
-    " no" and whose sample meta holds the true ``label``: mixed into their Task classes."""
+    " no" and whose sample meta holds the true ``label``: mixed into their Task classes,
+    which set ``prompt_type`` (``"none"`` or ``"prev_output"``, as VQA's)."""
+
+    prompt_type: str
 
     def constraints(self, vocab: UnifiedVocab) -> dict[str, Any]:
         return {"trie": yes_no_trie(vocab)}
 
     def predict(self, model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab) -> list[str]:
-        return predict_yes_no(model, batch, vocab)
+        prompted = self.prompt_type == "prev_output"
+        return predict_yes_no(model, batch, vocab,
+                              batch.source_prompts(vocab.pad) if prompted else None)
 
     def metrics(self) -> dict[str, Metric]:
         return {"accuracy": LabelAccuracy(MATCH_LABELS)}

@@ -197,3 +197,16 @@ def check_choice(owner: str, field: str, value: Any, choices: Any) -> None:
     """Raise a ValueError naming the init argument, the value and the valid choices."""
     if value not in choices:
         raise ValueError(f"{owner}: {field} must be one of {list(choices)}, got {value!r}")
+
+
+PROMPT_TYPES = ("none", "prev_output")
+
+
+def prompted_generation(owner: str, prompt_type: str,
+                        generation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``generation`` with the length default a decoder prompt needs: under ``prev_output``
+    the budget counts the prompt too, so ``max_len_a = 1.0`` lets the source length cover
+    it (an explicit ``max_len_a`` still wins). Checks ``prompt_type`` first."""
+    check_choice(owner, "prompt_type", prompt_type, PROMPT_TYPES)
+    defaults = {"max_len_a": 1.0} if prompt_type == "prev_output" else {}
+    return {**defaults, **(generation or {})}

@@ -12,8 +12,7 @@ within each true label beside it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
-
+from typing import Any, Literal, Mapping, Sequence
 
 from datamodules.shapes_world import COLOURS, NUMBER_WORDS, SHAPES, SIZES
 from ofa_lightning.data import Sample
@@ -22,7 +21,7 @@ from tasks._pretrain import (NO, YES, YesNoMatching, answer_type_table, caption_
                              caption_list, check_window, draw_positive, negative_answer,
                              negative_caption, record_rng, string_list)
 from tasks._text import (answer_scores, check_max_words, field_error, load_image, pre_caption,
-                         pre_question, text_field, where)
+                         pre_question, prompted_generation, text_field, where)
 
 # The answer groups of ShapesWorld questions, in the layout of the official type2ans.json.
 SHAPES_WORLD_ANSWER_TYPES: dict[str, tuple[str, ...]] = {
@@ -36,14 +35,15 @@ SHAPES_WORLD_ANSWER_TYPES: dict[str, tuple[str, ...]] = {
 MATCH_GENERATION = {"beam": 1, "max_len_a": 0.0, "max_len_b": 4, "min_len": 1}
 
 
-def _match_sample(task: Task, record: Mapping[str, Any], context: SampleContext, text: str,
+def _match_sample(task: YesNoMatching, record: Mapping[str, Any], context: SampleContext, text: str,
                   label: str, weight: float, meta: Mapping[str, Any]) -> Sample:
     """The yes/no sample both plugins build: the image, the filled instruction, the label."""
     image, _, _ = load_image(task, record, context)
     vocab = context.vocab
-    return Sample.seq2seq(task.name, vocab, vocab.encode(text), vocab.encode(f" {label}"),
-                          image=image, weight=weight,
-                          meta={"id": record.get("id"), "label": label, **meta})
+    sample = Sample.seq2seq(task.name, vocab, vocab.encode(text), vocab.encode(f" {label}"),
+                            image=image, weight=weight,
+                            meta={"id": record.get("id"), "label": label, **meta})
+    return sample.with_source_prompt(vocab) if task.prompt_type == "prev_output" else sample
 
 
 class ImageTextMatchTask(YesNoMatching, Task):
@@ -77,6 +77,9 @@ class ImageTextMatchTask(YesNoMatching, Task):
         negative_window: see ``negative_captions``; bounds the draw because a source may be
             endless (ShapesWorld's train split).
         max_source_length: word budget of the caption (official 80).
+        prompt_type: ``"none"``, the pretraining layout; ``"prev_output"``, the decoder
+            reads the instruction before the answer (as ``VQATask``'s option, and the
+            official SNLI-VE fine-tuning layout).
     """
 
     name = "image_text_match"
@@ -89,9 +92,11 @@ class ImageTextMatchTask(YesNoMatching, Task):
                  generation: dict[str, Any] | None = None, *,
                  objects: Sequence[str] | str | None = None,
                  negative_captions: Sequence[str] | str | None = None,
-                 negative_window: int = 10_000, max_source_length: int = 80) -> None:
-        super().__init__(source, weight, generation)
+                 negative_window: int = 10_000, max_source_length: int = 80,
+                 prompt_type: Literal["none", "prev_output"] = "none") -> None:
         owner = type(self).__name__
+        super().__init__(source, weight, prompted_generation(owner, prompt_type, generation))
+        self.prompt_type = prompt_type
         self.objects = [o.lower() for o in
                         string_list(owner, "objects", SHAPES if objects is None else objects)]
         self.negative_captions = (None if negative_captions is None
@@ -181,6 +186,7 @@ class VQAImageTextMatchTask(YesNoMatching, Task):
             :data:`SHAPES_WORLD_ANSWER_TYPES`. Type ``"how many"`` marks counts; a type
             ``"other"``, when present, is the pool for untyped answers (else all answers).
         max_source_length: word budget of the question (official 80).
+        prompt_type: as :class:`ImageTextMatchTask`'s.
     """
 
     name = "vqa_image_text_match"
@@ -192,9 +198,11 @@ class VQAImageTextMatchTask(YesNoMatching, Task):
     def __init__(self, source: RecordSource | None = None, weight: float = 1.0,
                  generation: dict[str, Any] | None = None, *,
                  answer_types: Mapping[str, Sequence[str]] | str | None = None,
-                 max_source_length: int = 80) -> None:
-        super().__init__(source, weight, generation)
+                 max_source_length: int = 80,
+                 prompt_type: Literal["none", "prev_output"] = "none") -> None:
         owner = type(self).__name__
+        super().__init__(source, weight, prompted_generation(owner, prompt_type, generation))
+        self.prompt_type = prompt_type
         self.answer_types, self.answer_type = answer_type_table(
             owner, SHAPES_WORLD_ANSWER_TYPES if answer_types is None else answer_types)
         self.max_source_length = check_max_words(owner, "max_source_length", max_source_length)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -15,10 +14,9 @@ from ofa_lightning.metrics import ANSWER_TYPES, VQAAccuracy, VQAAccuracyByType
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
 from tasks._text import (answer_scores, check_choice, check_max_words, field_error, load_image,
-                         pre_question, text_field, where)
+                         pre_question, prompted_generation, text_field, where)
 
 DECODE_MODES = ("beam", "trie", "allcand")
-PROMPT_TYPES = ("none", "prev_output")
 # answers that make a question's type "number" when the record does not say
 NUMBER_ANSWERS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
                            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen "
@@ -78,12 +76,9 @@ class VQATask(Task):
                  max_source_length: int = 80, chunk_size: int = 20) -> None:
         owner = type(self).__name__
         check_choice(owner, "decode_mode", decode_mode, DECODE_MODES)
-        check_choice(owner, "prompt_type", prompt_type, PROMPT_TYPES)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{owner}: chunk_size must be a positive integer, got {chunk_size!r}")
-        # With a decoder prompt the length budget counts the prompt too: src_len covers it.
-        defaults = {"max_len_a": 1.0} if prompt_type == "prev_output" else {}
-        super().__init__(source, weight, {**defaults, **(generation or {})})
+        super().__init__(source, weight, prompted_generation(owner, prompt_type, generation))
         self.decode_mode = decode_mode
         self.prompt_type = prompt_type
         self.max_source_length = check_max_words(owner, "max_source_length", max_source_length)
@@ -109,15 +104,8 @@ class VQATask(Task):
         vocab = context.vocab
         answer_ids = vocab.encode(f" {answer}")
         meta = {**query.meta, "answers": scores, "answer_type": answer_type(self, record, answer)}
-        if self.prompt_type == "none":
-            return query.with_target(vocab, answer_ids, weight=scores[answer], meta=meta)
-        # prev_output: decoder input = bos + question + answer; only answer + eos are scored
-        question_ids = query.source[1:-1].tolist()
-        prev_output = torch.tensor([vocab.bos, *question_ids, *answer_ids], dtype=torch.long)
-        target = torch.tensor([vocab.pad] * len(question_ids) + [*answer_ids, vocab.eos],
-                              dtype=torch.long)
-        return dataclasses.replace(query, target=target, prev_output=prev_output,
-                                   weight=scores[answer], meta=meta)
+        sample = query.with_target(vocab, answer_ids, weight=scores[answer], meta=meta)
+        return sample if self.prompt_type == "none" else sample.with_source_prompt(vocab)
 
     def question_text(self, question: str) -> str:
         """A question as the model reads it (without the leading space)."""
@@ -158,10 +146,7 @@ class VQATask(Task):
 
     def decoder_prompts(self, batch: Batch, vocab: UnifiedVocab) -> list[torch.Tensor] | None:
         """Per sample, the tokens forced after bos (the question, ``prev_output``), or None."""
-        if self.prompt_type == "none":
-            return None
-        rows = [row[row.ne(vocab.pad)] for row in batch.src_tokens.cpu()]
-        return [row[1:-1] for row in rows]  # drop bos and eos
+        return None if self.prompt_type == "none" else batch.source_prompts(vocab.pad)
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab) -> list[str]:

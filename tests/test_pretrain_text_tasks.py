@@ -604,3 +604,51 @@ def test_describe_names_the_plugins():
         "tasks.image_text_match.VQAImageTextMatchTask"
     assert GroundedCaptionTask(tokenizer="simple").describe()["fields"] == ["image", "text", "box"]
     assert set(SHAPES) <= set(ImageTextMatchTask().objects)
+
+
+def test_matching_tasks_with_a_decoder_prompt(model, vocab, context, sources):
+    """prompt_type="prev_output": the decoder reads the instruction before " yes"/" no", only
+    the answer and eos are scored, and evaluation scores the answers after the same prefix
+    that training teacher-forces (so the two agree with the model's own log-probabilities)."""
+    from ofa_lightning.generation import score_candidates
+    from tasks._pretrain import yes_no_tokens, yes_no_trie
+
+    for task, kind in ((ImageTextMatchTask(source=sources["caption"], negative_window=50,
+                                           prompt_type="prev_output"), "caption"),
+                       (VQAImageTextMatchTask(source=sources["vqa"], prompt_type="prev_output"),
+                        "vqa")):
+        assert task.generation.max_len_a == 1.0
+        samples = [task.build_sample(sources[kind].record("val", i), context, train=False)
+                   for i in range(40)]
+        for sample in samples:
+            prompt = sample.source[1:-1].tolist()
+            label = vocab.encode(f" {sample.meta['label']}")
+            assert sample.prev_output.tolist() == [vocab.bos, *prompt, *label]
+            assert sample.target.tolist() == [vocab.pad] * len(prompt) + [*label, vocab.eos]
+        batch = collate(samples, vocab.pad)
+        with torch.no_grad():
+            logits = model(**batch.model_inputs()).logits.float().log_softmax(-1)
+        scored = batch.target.ne(vocab.pad)
+        teacher_forced = (logits.gather(-1, batch.target.clamp(min=0)[..., None])[..., 0]
+                          * scored).sum(1)
+        prompts = [s.source[1:-1] for s in samples]
+        free = score_candidates(model, batch.src_tokens, yes_no_tokens(vocab), batch.patch_images,
+                                batch.patch_masks, constrain=False, prefix_tokens=prompts)
+        own = torch.tensor([["yes", "no"].index(s.meta["label"]) for s in samples])
+        torch.testing.assert_close(free.gather(1, own[:, None])[:, 0], teacher_forced,
+                                   rtol=1e-4, atol=1e-4)
+        constrained = score_candidates(model, batch.src_tokens, yes_no_tokens(vocab),
+                                       batch.patch_images, batch.patch_masks,
+                                       trie=yes_no_trie(vocab), prefix_tokens=prompts)
+        plain = score_candidates(model, batch.src_tokens, yes_no_tokens(vocab),
+                                 batch.patch_images, batch.patch_masks, trie=yes_no_trie(vocab))
+        predicted = task.predict(model, batch, vocab)
+        assert predicted == [("yes", "no")[i] for i in constrained.argmax(1).tolist()]
+        # the prefix decides: some answers differ from scoring without it
+        assert constrained.argmax(1).ne(plain.argmax(1)).any()
+
+
+def test_prompt_type_must_be_known():
+    for task in (ImageTextMatchTask, VQAImageTextMatchTask):
+        with pytest.raises(ValueError, match="prompt_type"):
+            task(prompt_type="src")
