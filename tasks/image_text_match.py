@@ -35,9 +35,10 @@ SHAPES_WORLD_ANSWER_TYPES: dict[str, tuple[str, ...]] = {
 MATCH_GENERATION = {"beam": 1, "max_len_a": 0.0, "max_len_b": 4, "min_len": 1}
 
 
-def _match_sample(task: YesNoMatching, record: Mapping[str, Any], context: SampleContext, text: str,
+def _match_sample(task: Task, record: Mapping[str, Any], context: SampleContext, text: str,
                   label: str, weight: float, meta: Mapping[str, Any]) -> Sample:
-    """The yes/no sample both plugins build: the image, the filled instruction, the label."""
+    """The yes/no sample both plugins build: the image, the filled instruction, the label,
+    laid out for the task's ``prompt_type``."""
     image, _, _ = load_image(task, record, context)
     vocab = context.vocab
     sample = Sample.seq2seq(task.name, vocab, vocab.encode(text), vocab.encode(f" {label}"),
