@@ -30,7 +30,7 @@ from ofa_lightning.generation import Trie, score_candidates
 from ofa_lightning.metrics.classification import LabelAccuracy
 from ofa_lightning.task import RecordError, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import box_bins, image_box, load_image, where
+from tasks._text import box_bins, decoder_prompts, image_box, load_image, where
 
 __all__ = [
     "RandomLike", "record_rng", "record_generator", "string_list", "check_window",
@@ -153,9 +153,8 @@ class YesNoMatching:
         return {"trie": yes_no_trie(vocab)}
 
     def predict(self, model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab) -> list[str]:
-        prompted = self.prompt_type == "prev_output"
         return predict_yes_no(model, batch, vocab,
-                              batch.source_prompts(vocab.pad) if prompted else None)
+                              decoder_prompts(self.prompt_type, batch, vocab.pad))
 
     def metrics(self) -> dict[str, Metric]:
         return {"accuracy": LabelAccuracy(MATCH_LABELS)}

@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torchmetrics import Metric
 
+from ofa_lightning.data import Batch
 from ofa_lightning.location import box_to_tokens, resize_box
 from ofa_lightning.metrics import CAPTION_METRICS, CaptionMetrics, java_available
 from ofa_lightning.task import (RecordError, SampleContext, Task, image_to_tensor, open_image,
@@ -210,3 +211,9 @@ def prompted_generation(owner: str, prompt_type: str,
     check_choice(owner, "prompt_type", prompt_type, PROMPT_TYPES)
     defaults = {"max_len_a": 1.0} if prompt_type == "prev_output" else {}
     return {**defaults, **(generation or {})}
+
+
+def decoder_prompts(prompt_type: str, batch: Batch, pad_id: int) -> list[torch.Tensor] | None:
+    """Per sample, the tokens decoding is forced to read after bos: the instruction under
+    ``prev_output`` (the layout training used), None under ``none``."""
+    return batch.source_prompts(pad_id) if prompt_type == "prev_output" else None

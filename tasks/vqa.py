@@ -13,8 +13,9 @@ from ofa_lightning.generation import Trie, generate, score_candidates
 from ofa_lightning.metrics import ANSWER_TYPES, VQAAccuracy, VQAAccuracyByType
 from ofa_lightning.task import RecordSource, SampleContext, Task, require_fields
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._text import (answer_scores, check_choice, check_max_words, field_error, load_image,
-                         pre_question, prompted_generation, text_field, where)
+from tasks._text import (answer_scores, check_choice, check_max_words, decoder_prompts,
+                         field_error, load_image, pre_question, prompted_generation, text_field,
+                         where)
 
 DECODE_MODES = ("beam", "trie", "allcand")
 # answers that make a question's type "number" when the record does not say
@@ -144,13 +145,9 @@ class VQATask(Task):
             return {"trie": self._candidate_tokens(vocab)[2]}
         return {}
 
-    def decoder_prompts(self, batch: Batch, vocab: UnifiedVocab) -> list[torch.Tensor] | None:
-        """Per sample, the tokens forced after bos (the question, ``prev_output``), or None."""
-        return None if self.prompt_type == "none" else batch.source_prompts(vocab.pad)
-
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, batch: Batch, vocab: UnifiedVocab) -> list[str]:
-        prompts = self.decoder_prompts(batch, vocab)
+        prompts = decoder_prompts(self.prompt_type, batch, vocab.pad)
         if self.decode_mode == "allcand":
             answers, tokens, trie = self._candidate_tokens(vocab)
             scores = score_candidates(model, batch.src_tokens, tokens, batch.patch_images,

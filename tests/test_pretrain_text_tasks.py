@@ -17,11 +17,13 @@ from PIL import Image
 from datamodules.shapes_world import NUMBER_WORDS, SHAPES, ShapesWorld
 from datamodules.sources import MemorySource, ShapesWorldSource
 from ofa_lightning.data import collate
+from ofa_lightning.generation import score_candidates
 from ofa_lightning.metrics.classification import (LabelAccuracy, TextReconstruction,
                                                   word_edit_distance)
 from ofa_lightning.task import RecordError, SampleContext
 from ofa_lightning.vocab import UnifiedVocab
-from tasks._pretrain import negative_answer, shift_count, swap_object
+from tasks._pretrain import (negative_answer, shift_count, swap_object, yes_no_tokens,
+                             yes_no_trie)
 from tasks._text import pre_caption
 from tasks.grounded_caption import GroundedCaptionTask
 from tasks.image_text_match import (SHAPES_WORLD_ANSWER_TYPES, ImageTextMatchTask,
@@ -610,9 +612,6 @@ def test_matching_tasks_with_a_decoder_prompt(model, vocab, context, sources):
     """prompt_type="prev_output": the decoder reads the instruction before " yes"/" no", only
     the answer and eos are scored, and evaluation scores the answers after the same prefix
     that training teacher-forces (so the two agree with the model's own log-probabilities)."""
-    from ofa_lightning.generation import score_candidates
-    from tasks._pretrain import yes_no_tokens, yes_no_trie
-
     for task, kind in ((ImageTextMatchTask(source=sources["caption"], negative_window=50,
                                            prompt_type="prev_output"), "caption"),
                        (VQAImageTextMatchTask(source=sources["vqa"], prompt_type="prev_output"),
