@@ -56,7 +56,11 @@ def task_name(spec: dict[str, Any]) -> str:
 def run_config(base: dict[str, Any], directory: Path, *, tasks: list[dict[str, Any]],
                steps: int, validations: int, vocab: str | None = None,
                init_from: str | None = None) -> dict[str, Any]:
-    """``base`` with its task list, length, output folder, vocabulary and start replaced."""
+    """``base`` with its task list, length, output folder, vocabulary and start replaced.
+
+    The config's curriculum (``data.phases``) is dropped: its phases name tasks and sample
+    counts of the full recipe, which the benchmark's task lists and budgets replace, so every
+    run here draws its tasks at their own weights from the first step."""
     config = copy.deepcopy(base)
     trainer = config["trainer"]
     trainer.update(max_steps=steps, val_check_interval=max(1, steps // validations),
@@ -68,6 +72,7 @@ def run_config(base: dict[str, Any], directory: Path, *, tasks: list[dict[str, A
                                            "save_last": True}}]
     data = config["data"]["init_args"]
     data["tasks"] = tasks
+    data["phases"] = None
     if vocab is not None:
         data["vocab"] = vocab
     if init_from is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -255,3 +256,19 @@ def test_a_plugin_outside_the_package_runs_by_class_path(tmp_path):
     run_cli("fit", "--config", str(path), *tiny_fit_args(), cwd=tmp_path,
             env={"PYTHONPATH": str(plugins)})
     assert logged(tmp_path, "val/picture/cider")
+
+
+def test_transfer_benchmark_runs_one_task_of_the_pretraining_config(tmp_path):
+    """benchmarks/transfer.py trains single tasks from the pretraining config, whose
+    curriculum names the other tasks: the derived config must still train."""
+    spec = importlib.util.spec_from_file_location("transfer", REPO / "benchmarks" / "transfer.py")
+    transfer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(transfer)
+    base = yaml.safe_load(PRETRAIN.read_text())
+    grounding = [t for t in base["data"]["init_args"]["tasks"]
+                 if transfer.task_name(t) == "visual_grounding"]
+    config = transfer.run_config(base, tmp_path / "run", tasks=grounding, steps=2, validations=1)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run_cli("fit", "--config", str(path), *tiny_fit_args(), cwd=tmp_path)
+    assert logged(tmp_path / "run", "train/loss")
